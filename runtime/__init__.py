@@ -1,0 +1,1 @@
+"""BlockPress runtime: gateway, queue, jobs, config, telemetry, client SDK and CLI."""

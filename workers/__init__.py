@@ -1,0 +1,51 @@
+"""BlockPress workers: the DiffusionGemma engine and the replicas that run it.
+
+The engine's names load lazily so that `blockpress.workers.errors` and `.settings`, which the gateway
+uses to validate requests, import without torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import EngineError, GenerationCancelled, InvalidRequest, InvalidSettings, PromptTooLong
+from .settings import DenoiseSettings
+
+if TYPE_CHECKING:
+    from .engine import DiffusionEngine
+    from .session import EngineSession
+    from .types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult
+
+__all__ = [
+    "CanvasEvent",
+    "CanvasStats",
+    "DenoiseSettings",
+    "DiffusionEngine",
+    "DraftEvent",
+    "EndEvent",
+    "EngineError",
+    "EngineSession",
+    "GenerationCancelled",
+    "GenerationResult",
+    "InvalidRequest",
+    "InvalidSettings",
+    "PromptTooLong",
+]
+
+_LAZY = {
+    "DiffusionEngine": ".engine",
+    "EngineSession": ".session",
+    "CanvasEvent": ".types",
+    "CanvasStats": ".types",
+    "DraftEvent": ".types",
+    "EndEvent": ".types",
+    "GenerationResult": ".types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,99 @@
+"""What the engine hands back: per-step drafts, committed canvases and the final result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["CanvasEvent", "CanvasStats", "DraftEvent", "EndEvent", "GenerationResult", "StreamEvent", "Timings"]
+
+StopReason = Literal["stop_token", "max_new_tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class CanvasStats:
+    """How one canvas converged."""
+
+    index: int
+    steps: int
+    """Denoising steps this canvas took."""
+    max_steps: int
+    """The step limit it ran under."""
+    tokens_committed: int
+    """New tokens this canvas contributed (cut at a stop token or the token limit)."""
+    mean_entropy: float
+    """Mean per-position entropy of the last step's temperature-scaled distribution."""
+    accepted_per_step: list[int] = field(default_factory=list)
+    """Positions accepted at each step (the entropy-bound sampler's choice)."""
+    step_s: list[float] = field(default_factory=list)
+    """Wall time of each step, seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds spent in each stage of one generation."""
+
+    prefill_s: float = 0.0
+    """Encoding the uncached prompt tokens into the KV cache."""
+    first_canvas_s: float = 0.0
+    """From the start of the call to the first committed canvas."""
+    denoise_s: float = 0.0
+    """Sum of all denoising steps."""
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """The outcome of one generation."""
+
+    token_ids: list[int]
+    """New tokens, cut before the first stop token and at `max_new_tokens`."""
+    text: str
+    """`token_ids` decoded, special tokens kept (tool calls are made of them)."""
+    stop_reason: StopReason
+    prompt_tokens: int
+    prefilled_tokens: int
+    """Prompt tokens that actually ran through the encoder; fewer than `prompt_tokens` on a session hit."""
+    canvases: list[CanvasStats]
+    timings: Timings
+    seed: int
+    """The seed that was used; pass it back to reproduce this output."""
+
+    @property
+    def steps_per_canvas(self) -> float:
+        return sum(c.steps for c in self.canvases) / max(1, len(self.canvases))
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per decoder forward pass, the usual diffusion-LM efficiency figure."""
+        return len(self.token_ids) / max(1, sum(c.steps for c in self.canvases))
+
+
+@dataclass(frozen=True, slots=True)
+class DraftEvent:
+    """The argmax canvas after one denoising step."""
+
+    canvas_index: int
+    step: int
+    token_ids: list[int]
+    accepted: int
+    mean_entropy: float
+    step_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CanvasEvent:
+    """A canvas committed into the KV cache."""
+
+    canvas_index: int
+    token_ids: list[int]
+    text: str
+    stats: CanvasStats
+
+
+@dataclass(frozen=True, slots=True)
+class EndEvent:
+    result: GenerationResult
+
+
+StreamEvent = DraftEvent | CanvasEvent | EndEvent
