@@ -70,7 +70,9 @@ def load_checkpoint(path_or_id: str, *, device: str, dtype: str) -> tuple[Any, A
             f"model: {path_or_id!r} is neither an existing directory nor a hub id of the form owner/name"
         )
     try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(local) if local.exists() else path_or_id, dtype=torch_dtype)
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            str(local) if local.exists() else path_or_id, dtype=torch_dtype
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path_or_id)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -78,4 +80,5 @@ def load_checkpoint(path_or_id: str, *, device: str, dtype: str) -> tuple[Any, A
         raise ModelConfigError(f"model: cannot load {path_or_id!r}{hint}: {exc}") from exc
     except ValueError as exc:
         raise ModelConfigError(f"model: {path_or_id!r} is not a DiffusionGemma checkpoint: {exc}") from exc
-    return model.to(target).eval(), tokenizer
+    model = model.to(target)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    return model.eval(), tokenizer

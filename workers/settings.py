@@ -83,11 +83,10 @@ class DenoiseSettings:
 
 
 def _number(name: str, value: Any, *, integer: bool) -> None:
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         kind = "an integer" if integer else "a number"
         raise InvalidSettings(name, f"must be {kind}, got {value!r}")
-    if not integer and not math.isfinite(value):
+    if not integer and not math.isfinite(value):  # isinstance above narrowed it to int | float
         raise InvalidSettings(name, f"must be finite, got {value!r}")
 
 
