@@ -166,3 +166,10 @@ def test_loading_errors_say_what_is_wrong(tmp_path: Path, engine_checkpoint: Pat
         DiffusionEngine.from_pretrained(engine_checkpoint, device="cpu", dtype="float16")
     with pytest.raises(ModelConfigError, match="float64"):
         DiffusionEngine.from_pretrained(engine_checkpoint, dtype="float64")
+
+
+def test_hub_id_offline_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing can be found locally
+    with pytest.raises(ModelConfigError, match="HF_HUB_OFFLINE=1"):
+        DiffusionEngine.from_pretrained("google/diffusiongemma-26B-A4B-it")
