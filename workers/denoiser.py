@@ -86,8 +86,8 @@ class Denoiser:
                 past_key_values=cache,
             )
         logits = self.model.lm_head(dec.norm(hidden)).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap).mul_(self.softcap)
+        if self.softcap:  # in place: a fresh (L, V) buffer per op costs page faults on every step
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
     def run(
@@ -122,10 +122,13 @@ class Denoiser:
             else:
                 logits = self.decoder_logits(canvas, sc_logits.softmax(-1, dtype=torch.float32), cache, position_ids)
             scaled = logits.div_(temperature)[0]  # (L, V)
-            probs = torch.softmax(scaled, dim=-1)
-            log_probs = torch.log_softmax(scaled, dim=-1)
-            entropy = -(probs * log_probs).sum(-1)  # (L,)
             argmax = scaled.argmax(-1)
+            probs = torch.softmax(scaled, dim=-1)
+            sc_logits = None if self._reuse_probs else scaled.unsqueeze(0).to(self.decoder.embed_tokens.weight.dtype)
+            # Entropy from log-probabilities made in place, summed as a batched dot product: no extra
+            # (L, V) buffers; `scaled` is not needed after this.
+            log_probs = scaled.sub_(torch.logsumexp(scaled, dim=-1, keepdim=True))
+            entropy = -torch.bmm(probs.unsqueeze(1), log_probs.unsqueeze(2)).view(-1)  # (L,)
             if pinned is not None:
                 entropy = entropy.masked_fill(pinned, 0.0)
                 argmax = torch.where(pinned, plan.pinned_ids, argmax)  # type: ignore[arg-type]
@@ -140,7 +143,6 @@ class Denoiser:
                 history[-1] = argmax
             done = stable and mean_entropy < plan.confidence_threshold
             sc_probs = probs.unsqueeze(0)
-            sc_logits = None if self._reuse_probs else scaled.unsqueeze(0).to(self.decoder.embed_tokens.weight.dtype)
             yield StepOutput(step + 1, argmax, int(accept.sum()), mean_entropy, done)
             if done:
                 return
