@@ -1,0 +1,175 @@
+"""What the service adds to a generation, and how fast the gateway accepts jobs.
+
+    python bench/service_overhead.py [--jobs 60] [--submits 3000] [--concurrency 64] [--checkpoint DIR]
+
+One run, one small checkpoint (a random-weight tiny DiffusionGemma unless --checkpoint is given):
+
+1. Latency. The same jobs (same prompt, settings and seed, so the same denoising work) run through
+   the bare engine in this process and through the full service (SDK -> gateway in its own process
+   -> Redis -> Ray replica -> events back), interleaved so that machine noise hits both alike. Added
+   latency per job = service wall time - bare engine wall time of the same job. A second figure
+   subtracts the engine time the replica itself measured, which removes engine run-to-run noise.
+2. Admission. `--submits` Submit calls from one asyncio client with `--concurrency` in flight;
+   prints the accepted submits per second. These jobs carry a short deadline, so the replica skips
+   them as EXPIRED afterwards instead of running them.
+
+Targets on the 2-core development machine: added p50 <= 5 ms, p99 <= 25 ms; >= 1,000 submits/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from blockpress.runtime import AsyncClient, Client
+from blockpress.runtime.embedded import OwnedRedis, start_ray
+from blockpress.runtime.errors import BlockPressError, QueueFull
+
+SETTINGS = {"max_new_tokens": 32, "max_denoising_steps": 4}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_gateway(redis_url: str, checkpoint: str, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BLOCKPRESS_MAX_QUEUE": "1000000",
+        "BLOCKPRESS_LOG_LEVEL": os.environ.get("BLOCKPRESS_LOG_LEVEL", "WARNING"),
+    }
+    cmd = [sys.executable, "-m", "blockpress.runtime.cli", "gateway", "--redis-url", redis_url]
+    return subprocess.Popen([*cmd, "--model", checkpoint, "--port", str(port)], env=env)
+
+
+def latency(address: str, checkpoint: str, jobs: int) -> None:
+    import torch
+
+    from blockpress.workers import DenoiseSettings, DiffusionEngine
+
+    torch.set_num_threads(1)  # as the replica runs (torch_threads=1)
+    engine = DiffusionEngine.from_pretrained(checkpoint, device="cpu")
+    bare, service, inside = [], [], []
+    stuck: list[str] = []
+    with Client(address, retries=60) as client:
+        for i in range(jobs + 3):
+            prompt, seed = f"job {i}: what is {i}*{i + 7}?", i
+            t0 = time.perf_counter()
+            engine.generate(prompt, DenoiseSettings(seed=seed, **SETTINGS))
+            t1 = time.perf_counter()
+            try:
+                result = client.generate(prompt, seed=seed, timeout=30, **SETTINGS)
+            except BlockPressError as exc:  # reported, not hidden: a stuck job is a finding of its own
+                stuck.append(f"job {i}: {exc}")
+                continue
+            t2 = time.perf_counter()
+            if i < 3:  # warm-up: first calls pay for connections and lazy imports
+                continue
+            bare.append(t1 - t0)
+            service.append(t2 - t1)
+            inside.append(result.timings["total_s"])
+    added = [s - b for s, b in zip(service, bare, strict=True)]
+    added_inside = [s - e for s, e in zip(service, inside, strict=True)]
+    ms = 1000
+    print(f"latency over {jobs} jobs ({SETTINGS}):")
+    print(f"  bare engine      p50 {pct(bare, 50) * ms:7.1f} ms   p99 {pct(bare, 99) * ms:7.1f} ms")
+    print(f"  full service     p50 {pct(service, 50) * ms:7.1f} ms   p99 {pct(service, 99) * ms:7.1f} ms")
+    print(
+        f"  added per job    p50 {pct(added, 50) * ms:7.1f} ms   p99 {pct(added, 99) * ms:7.1f} ms"
+        "   (service - bare engine, same job; target p50 <= 5, p99 <= 25)"
+    )
+    print(
+        f"  added per job    p50 {pct(added_inside, 50) * ms:7.1f} ms   p99 {pct(added_inside, 99) * ms:7.1f} ms"
+        "   (service - the replica's own engine time)"
+    )
+    print(f"  mean added {statistics.mean(added) * ms:.1f} ms")
+    for line in stuck:
+        print(f"  NOT FINISHED within 30 s: {line}")
+
+
+async def admission(address: str, submits: int, concurrency: int) -> None:
+    accepted = refused = 0
+    async with AsyncClient(address, retries=0) as client:
+        await client.submit("warm up", timeout=2.0, max_new_tokens=1)
+        left = iter(range(submits))
+
+        async def worker() -> None:
+            nonlocal accepted, refused
+            for i in left:
+                try:
+                    await client.submit(f"submit {i}", timeout=3.0, max_new_tokens=1)
+                    accepted += 1
+                except QueueFull:
+                    refused += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    print(
+        f"admission: {accepted} submits accepted ({refused} refused) in {elapsed:.2f} s = "
+        f"{accepted / elapsed:,.0f} submits/s with {concurrency} in flight (target >= 1,000)"
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", type=int, default=60)
+    p.add_argument("--submits", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--checkpoint", help="a DiffusionGemma checkpoint dir (default: a tiny random one)")
+    args = p.parse_args()
+
+    from blockpress.workers.pool import ReplicaPool
+
+    with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from blockpress.workers.testing import build_tiny_checkpoint
+
+            checkpoint = str(build_tiny_checkpoint(Path(tmp) / "tiny", seed=0))
+        redis = OwnedRedis(Path(tmp))
+        redis.start()
+        start_ray(None)
+        pool = ReplicaPool(
+            checkpoint, 1, redis_url=redis.url, device="cpu", torch_threads=1, queue_options={"lease_s": 5.0}
+        )
+        gateway = None
+        try:
+            pool.start(timeout_s=300)
+            port = free_port()
+            gateway = start_gateway(redis.url, checkpoint, port)
+            address = f"127.0.0.1:{port}"
+            print(
+                f"service: gateway pid {gateway.pid} on {address}, 1 replica, redis {redis.url}, {os.cpu_count()} CPUs"
+            )
+            latency(address, checkpoint, args.jobs)
+            asyncio.run(admission(address, args.submits, args.concurrency))
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(30)
+            pool.stop(drain_s=5)
+            import ray
+
+            ray.shutdown()
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,472 @@
+"""The `blockpress` command.
+
+    blockpress serve [--model PATH_OR_ID] [--replicas N] [--port P] [--data-dir D]
+                     [--redis-url URL] [--ray-address ADDR]    everything on one machine
+    blockpress gateway / blockpress replicas                    the two halves, for a cluster
+    blockpress generate "prompt" [--drafts]                     stream a generation to the terminal
+    blockpress agent "task" --tool calculator [--max-turns N]   run an agent task, streaming its events
+    blockpress jobs [ID] | cancel ID | models                   look at and steer jobs
+    blockpress demo                                             start, generate and run an agent, stop
+    blockpress trace JOB_ID | stats ...                         where a job's time went
+
+Flags become `RuntimeSettings` keyword arguments, so they win over `BLOCKPRESS_*` variables. This is
+the only place that configures logging and reads the process's signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from .client import AgentResult, Client, job_outcome
+from .config import RuntimeSettings
+from .errors import BlockPressError, JobError
+from .jobs import Event, EventType, new_job_id
+
+__all__ = ["main"]
+
+log = logging.getLogger("blockpress")
+
+
+def _settings(args: argparse.Namespace) -> RuntimeSettings:
+    given = {
+        "models": args.model or None,
+        "replicas": getattr(args, "replicas", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "redis_url": getattr(args, "redis_url", None),
+        "ray_address": getattr(args, "ray_address", None),
+        "device": getattr(args, "device", None),
+        "dtype": getattr(args, "dtype", None),
+    }
+    return RuntimeSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+async def _until_signal(stop: Callable[[], Any]) -> None:
+    """Waits for SIGTERM or SIGINT, then awaits `stop()` (the drain)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    log.info("signal received; draining")
+    await stop()
+
+
+# ---- servers ------------------------------------------------------------------------------------------
+
+
+async def _serve(settings: RuntimeSettings) -> int:
+    from .embedded import embedded_runtime
+
+    async with embedded_runtime(settings) as gateway:
+        print(f"blockpress serving {', '.join(gateway.cards)} on {settings.host}:{gateway.port}", flush=True)
+        # `trace stats` reads the trace store in this Redis; an owned one listens on a port of its own.
+        print(f"redis at {gateway.settings.redis_url}", flush=True)
+        await _until_signal(gateway.stop)
+    return 0
+
+
+async def _gateway(settings: RuntimeSettings) -> int:
+    from .embedded import default_models
+    from .gateway import Gateway
+    from .telemetry import setup_tracing
+    from .validation import load_model_card
+
+    setup_tracing("blockpress-gateway", redis_url=settings.redis_url_or_default())
+
+    cards = {}
+    for path in default_models(settings):
+        card = await asyncio.to_thread(load_model_card, path)
+        cards[card.name] = card
+    gateway = Gateway.from_settings(settings, cards)
+    await gateway.start()
+    print(f"blockpress gateway on {settings.host}:{gateway.port}", flush=True)
+    try:
+        await _until_signal(gateway.stop)
+    finally:
+        await gateway.queue.redis.aclose()
+    return 0
+
+
+def _replicas(settings: RuntimeSettings) -> int:
+    from blockpress.workers.pool import ReplicaPool
+
+    from .embedded import default_models, start_ray
+
+    started_ray = start_ray(settings.ray_address)
+    pools = []
+    queue_options = {"lease_s": settings.lease_s, "max_deliveries": settings.max_deliveries}
+    try:
+        for path in default_models(settings):
+            pool = ReplicaPool(
+                path,
+                settings.replicas,
+                redis_url=settings.redis_url_or_default(),
+                queue_options=queue_options,
+                device=settings.device,
+                dtype=settings.dtype,
+            )
+            pool.start()
+            pool.watch()
+            pools.append(pool)
+            print(f"blockpress replicas: {settings.replicas} of {pool.model}", flush=True)
+        asyncio.run(_until_signal(_noop))
+    finally:
+        for pool in pools:
+            pool.stop(drain_s=settings.drain_s)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+async def _noop() -> None:
+    return None
+
+
+# ---- clients ------------------------------------------------------------------------------------------
+
+
+def _print_events(events: Any, *, drafts: bool, out: Any = sys.stdout, err: Any = sys.stderr) -> Event | None:
+    """Writes committed canvases to `out` as they come (drafts to `err`); returns the final event."""
+    final = None
+    for event in events:
+        if event.type == "canvas":
+            if drafts:
+                err.write("\r\033[K")
+            out.write(event.data.get("text", ""))
+            out.flush()
+        elif event.type == "draft" and drafts:
+            text = event.data.get("text", "").replace("\n", " ")
+            err.write(
+                f"\r\033[K[canvas {event.data.get('canvas_index', 0)} step {event.data.get('step', 0)}] {text[-60:]}"
+            )
+            err.flush()
+        elif event.type == "started":
+            err.write(f"[started on {event.data.get('replica', '?')}, attempt {event.data.get('attempt', 1)}]\n")
+        if event.is_final:
+            final = event
+    out.write("\n")
+    return final
+
+
+def _generate(args: argparse.Namespace) -> int:
+    settings = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    with Client(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+        final = _print_events(
+            client.stream(args.prompt, model=args.model, drafts=args.drafts, **settings), drafts=args.drafts
+        )
+    if final is not None and final.type == "completed":
+        usage = final.data.get("usage", {})
+        timings = final.data.get("timings", {})
+        sys.stderr.write(
+            f"[{usage.get('completion_tokens', 0)} tokens in {timings.get('total_s', 0.0):.2f} s, "
+            f"{final.data.get('canvases', 0)} canvases, stop: {final.data.get('stop_reason', '')}]\n"
+        )
+        return 0
+    sys.stderr.write(f"job ended {final.type if final else 'without a final event'}: {final.data if final else ''}\n")
+    return 1
+
+
+def _print_agent_events(
+    events: Any, *, out: Any = sys.stdout, err: Any = sys.stderr, answer: bool = True
+) -> list[Event]:
+    """Writes an agent task's progress to `err` as it comes (turns, the model's text, tool calls and
+    results) and, with `answer`, its final answer to `out`, so the answer alone can be piped; returns
+    every event."""
+    seen: list[Event] = []
+    midline = False
+    for event in events:
+        seen.append(event)
+        d = event.data
+        if event.type == EventType.CANVAS:
+            err.write(d.get("text", ""))
+            midline = True
+            err.flush()
+            continue
+        if midline:
+            err.write("\n")
+            midline = False
+        if event.type == EventType.STARTED:
+            err.write(f"[started on {d.get('replica', '?')}, attempt {d.get('attempt', 1)}]\n")
+        elif event.type == EventType.TURN:
+            err.write(f"[turn {d.get('index', 0)}]\n")
+        elif event.type == EventType.TOOL_CALL:
+            err.write(f"-> {d.get('name', '?')} {d.get('arguments_json', '{}')}\n")
+        elif event.type == EventType.TOOL_RESULT:
+            mark = "error" if d.get("is_error") else "result"
+            err.write(f"<- {d.get('name', '?')} {mark}: {d.get('content', '')}\n")
+        elif event.type == EventType.COMPLETED and answer:
+            out.write(d.get("text", "") + "\n")
+            out.flush()
+        err.flush()
+    return seen
+
+
+def _agent(args: argparse.Namespace) -> int:
+    settings = {"seed": args.seed, "max_denoising_steps": args.max_denoising_steps}
+    job_id = args.job_id or new_job_id()  # chosen here, so the summary below can name the job
+    budgets = {"max_new_tokens": args.max_new_tokens, "max_seconds": args.max_seconds, "job_id": job_id}
+    with Client(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+        events = client.agent_stream(
+            args.task, tools=args.tool or (), max_turns=args.max_turns, model=args.model, **budgets, **settings
+        )
+        seen = _print_agent_events(events)
+    if not seen:
+        sys.stderr.write("the job ended without a final event\n")
+        return 1
+    result = job_outcome(job_id, seen)  # raises the JobError of a failed, cancelled or expired task
+    calls = len(result.tool_calls) if isinstance(result, AgentResult) else 0
+    turns = result.turns if isinstance(result, AgentResult) else 0
+    sys.stderr.write(f"[job {job_id}: {turns} turns, {calls} tool calls, stop: {result.stop_reason}]\n")
+    # A limit that ended the task before a final answer is not a success for a script to build on.
+    return 0 if result.stop_reason == "final_answer" else 1
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    with Client(args.address, api_key=args.api_key, timeout=args.timeout or 30) as client:
+        if args.job_id:
+            job = client.get_job(args.job_id)
+            print(json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2))
+        else:
+            # The gateway keeps no job list (jobs live in Redis by id); per model, what waits and who runs it.
+            for m in client.models():
+                print(f"{m.name}: {m.queue_depth} queued (max {m.max_queue}), {m.replicas_live} replicas live")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with Client(args.address, api_key=args.api_key, timeout=args.timeout or 30) as client:
+        print(client.cancel(args.job_id).value)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    with Client(args.address, api_key=args.api_key, timeout=args.timeout or 30) as client:
+        for m in client.models():
+            print(
+                f"{m.name}  context {m.context_length}  canvas {m.canvas_length}  {m.dtype}  "
+                f"replicas live {m.replicas_live}  queued {m.queue_depth}"
+            )
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .embedded import embedded_runtime
+
+    with tempfile.TemporaryDirectory(prefix="blockpress-demo-") as tmp:
+        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
+        settings = RuntimeSettings(models=tuple(args.model or ()), port=0, data_dir=data_dir, replicas=1, drain_s=5.0)
+        print("starting redis-server, Ray, one replica and the gateway ...", flush=True)
+        started = time.perf_counter()
+        async with embedded_runtime(settings) as gateway:
+            name = gateway.default_model
+            print(f"ready in {time.perf_counter() - started:.1f} s; model {name} on port {gateway.port}")
+            address = f"127.0.0.1:{gateway.port}"
+            # Blocking client calls, in a thread: this loop serves the gateway meanwhile.
+            generated = await asyncio.to_thread(_demo_generation, address, args)
+            answered = await asyncio.to_thread(_demo_agent, address, args)
+            print("shutting down ...", flush=True)
+        print("done.")
+    return 0 if generated and answered else 1
+
+
+def _demo_generation(address: str, args: argparse.Namespace) -> bool:
+    print(f"\n=== generation ===\nprompt: {args.prompt!r}\n--- streamed canvases ---", flush=True)
+    with Client(address, timeout=300) as client:
+        final = _print_events(client.stream(args.prompt, max_new_tokens=args.max_new_tokens, seed=0), drafts=False)
+    print("--- result ---")
+    if final is None or final.type != "completed":
+        print(f"the job ended {final.type if final else 'without a final event'}: {final.data if final else ''}")
+        return False
+    d = final.data
+    print(f"text: {d['text']!r}")
+    print(f"stop: {d['stop_reason']}, canvases: {d['canvases']}, usage: {d['usage']}")
+    print("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in d["timings"].items()))
+    return True
+
+
+def _demo_agent(address: str, args: argparse.Namespace) -> bool:
+    """One agent task with the calculator through the same service; True when it ran to its end (a
+    small or untrained checkpoint may still stop at the turn limit, which is shown, not hidden)."""
+    print(f"\n=== agent task, tool: calculator ===\ntask: {args.task!r}\n--- streamed events ---", flush=True)
+    job_id = new_job_id()
+    with Client(address, timeout=300) as client:
+        events = client.agent_stream(
+            args.task, tools=["calculator"], max_turns=args.max_turns, job_id=job_id, seed=0, max_seconds=120
+        )
+        # Everything on stdout, in the order it came; the answer follows under "result".
+        seen = _print_agent_events(events, out=sys.stdout, err=sys.stdout, answer=False)
+    print("--- result ---")
+    try:
+        result = job_outcome(job_id, seen) if seen else None
+    except JobError as exc:
+        print(f"the task ended: {exc}")
+        return False
+    if not isinstance(result, AgentResult):
+        print("the task ended without a final event")
+        return False
+    print(f"answer: {result.text!r}")
+    print(f"stop: {result.stop_reason}, turns: {result.turns}, tool calls: {len(result.tool_calls)}")
+    for c in result.tool_calls:
+        print(f"  turn {c.turn}: {c.name}({json.dumps(c.arguments)}) -> {c.result}")
+    _demo_trace(client_address=address, job_id=job_id)
+    return True
+
+
+def _demo_trace(*, client_address: str, job_id: str) -> None:
+    """The agent task's waterfall, as `blockpress trace JOB_ID` shows it."""
+    from .errors import NotFound
+    from .traceview import render_text
+
+    print("\n=== where the agent task's time went (blockpress trace) ===", flush=True)
+    spans: list[Any] = []
+    with Client(client_address, timeout=30) as client:
+        give_up = time.monotonic() + 10
+        # Spans are kept off the hot path, a moment after the job's final event.
+        while time.monotonic() < give_up:
+            with contextlib.suppress(NotFound):
+                spans = client.trace(job_id)
+            if any(s.name == "replica.run" for s in spans):
+                break
+            time.sleep(0.2)
+    print(render_text(spans) if spans else "no trace kept (tracing off?)")
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockpress", description="A distributed runtime for DiffusionGemma.")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: BLOCKPRESS_LOG_LEVEL or INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", action="append", help="checkpoint dir or hub id (repeatable; default: tiny)")
+        q.add_argument("--redis-url", help="an existing Redis; serve: none starts an owned redis-server")
+        q.add_argument("--data-dir", type=Path, help="serve: the owned Redis's append-only file (default .data)")
+
+    def server_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+        q.add_argument("--port", type=int, help="port to listen on (default 50051)")
+
+    def replica_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--replicas", type=int, help="replicas per model (default 1)")
+        q.add_argument("--ray-address", help="an existing Ray cluster; none starts a local Ray")
+        q.add_argument("--device", help="auto, cpu or cuda")
+        q.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+
+    q = sub.add_parser("serve", help="run Redis, Ray, replicas and the gateway on this machine")
+    model_flags(q)
+    server_flags(q)
+    replica_flags(q)
+    q = sub.add_parser("gateway", help="run the gRPC gateway against an existing Redis")
+    model_flags(q)
+    server_flags(q)
+    q = sub.add_parser("replicas", help="run replicas against an existing Redis and Ray")
+    model_flags(q)
+    replica_flags(q)
+
+    def client_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--address", help="gateway host:port (default BLOCKPRESS_ADDRESS, then 127.0.0.1:50051)")
+        q.add_argument("--api-key", default=None, help="API key (default: BLOCKPRESS_API_KEY)")
+        q.add_argument("--timeout", type=float, help="deadline in seconds")
+
+    q = sub.add_parser("generate", help="stream a generation's committed canvases to the terminal")
+    q.add_argument("prompt")
+    q.add_argument("--model")
+    q.add_argument("--max-new-tokens", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--drafts", action="store_true", help="also show the canvas while it is denoised")
+    client_flags(q)
+    q = sub.add_parser("agent", help="run an agent task with server-side tools, streaming its events")
+    q.add_argument("task")
+    q.add_argument("--tool", action="append", help="a tool the agent may call (repeatable): calculator, python, ...")
+    q.add_argument("--max-turns", type=int, help="model turns before it stops (default: the server's)")
+    q.add_argument("--max-new-tokens", type=int, help="budget of new tokens over all turns")
+    q.add_argument("--max-seconds", type=float, help="budget of wall-clock seconds")
+    q.add_argument("--max-denoising-steps", type=int, help="denoising step limit per canvas")
+    q.add_argument("--model")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--job-id", help="idempotency key: the same id again follows the same job")
+    client_flags(q)
+    q = sub.add_parser("jobs", help="show a job, or the queues when no id is given")
+    q.add_argument("job_id", nargs="?")
+    client_flags(q)
+    q = sub.add_parser("cancel", help="cancel a job")
+    q.add_argument("job_id")
+    client_flags(q)
+    q = sub.add_parser("models", help="list the served models")
+    client_flags(q)
+    q = sub.add_parser("demo", help="start the embedded runtime, run a generation and an agent task, stop")
+    q.add_argument("--prompt", default="What is 37*41+12?")
+    q.add_argument("--task", default="What is 37*41+12?", help="the agent task, run with the calculator tool")
+    q.add_argument("--max-turns", type=int, default=4)
+    q.add_argument("--model", action="append")
+    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--data-dir", help="keep the demo's Redis data here (default: a temporary directory)")
+    try:
+        # One job's trace comes through the gateway's GetTrace (`Client.trace`), `stats` from Redis.
+        from .tracecli import add_trace_commands
+
+        add_trace_commands(sub)
+    except ImportError:  # the trace inspector is optional
+        pass
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `blockpress` command; returns the exit status."""
+    import os
+
+    args = _parser().parse_args(argv)
+    level = args.log_level or os.environ.get("BLOCKPRESS_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "api_key") and args.api_key is None:
+        args.api_key = os.environ.get("BLOCKPRESS_API_KEY")
+    try:
+        if args.command == "serve":
+            return asyncio.run(_serve(_settings(args)))
+        if args.command == "gateway":
+            return asyncio.run(_gateway(_settings(args)))
+        if args.command == "replicas":
+            return _replicas(_settings(args))
+        if args.command == "demo":
+            return asyncio.run(_demo(args))
+        commands: dict[str, Callable[[argparse.Namespace], int]] = {
+            "generate": _generate,
+            "agent": _agent,
+            "jobs": _jobs,
+            "cancel": _cancel,
+            "models": _models,
+        }
+        if args.command in commands:
+            return commands[args.command](args)
+        return int(args.func(args))
+    except JobError as exc:
+        print(f"blockpress: {exc}", file=sys.stderr)
+        return 1
+    except BlockPressError as exc:
+        print(f"blockpress: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Runtime configuration: pydantic settings read from keyword arguments and `BLOCKPRESS_*` variables.
+
+Every default works on one machine: the gateway listens on 127.0.0.1:50051, Redis is local, and `serve`
+starts its own redis-server and Ray when no Redis URL or Ray address is given. Flags on the CLI become
+keyword arguments here, so flags win over the environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_MODEL_DIR", "DEFAULT_REDIS_URL", "RuntimeSettings", "model_name"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The tiny checkpoint the project trains and ships, so that `blockpress serve` works from a fresh clone.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "workers" / "checkpoints" / "tiny-calculator"
+
+
+def model_name(path_or_id: str) -> str:
+    """The name a model is served under: a directory's last part, or the hub id as given.
+
+    The same rule as `DiffusionEngine.from_pretrained`, so the gateway and the replicas agree on the
+    queue a job goes to.
+    """
+    path = Path(path_or_id).expanduser()
+    return path.name if path.is_dir() else path_or_id
+
+
+def _split(value: Any) -> Any:
+    # Environment variables hold lists as "a,b"; keyword arguments arrive as sequences already.
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class RuntimeSettings(BaseSettings):
+    """Settings of the gateway, the replicas and the embedded runtime."""
+
+    model_config = SettingsConfigDict(env_prefix="BLOCKPRESS_", frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    """Interface the gateway listens on; 0.0.0.0 in a container."""
+    port: int = Field(default=50051, ge=0, le=65535)
+    """Port the gateway listens on; 0 picks a free one (tests)."""
+    redis_url: str | None = None
+    """Redis holding queues and job records; None: `serve` starts its own, other commands use localhost."""
+    ray_address: str | None = None
+    """Ray cluster to join (`auto`, `ray://...`); None: `serve` and `replicas` start a local Ray."""
+    models: Annotated[tuple[str, ...], NoDecode] = ()
+    """Checkpoint directories or hub ids to serve (comma-separated); empty: the shipped tiny model."""
+    replicas: int = Field(default=1, ge=0, le=1024)
+    """Replicas per model started by `serve` and `replicas`."""
+    device: str = "auto"
+    """Device of each replica's engine: auto (CUDA when present), cpu, cuda."""
+    dtype: str = "auto"
+    """Weight dtype of each replica's engine: auto, float32, bfloat16, float16."""
+    data_dir: Path = Path(".data")
+    """Where `serve` keeps its redis-server's append-only file and built checkpoints."""
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    """Accepted API keys (comma-separated); empty: no authentication. Never logged."""
+    max_queue: int = Field(default=1024, ge=1)
+    """Jobs that may wait per model; past it, submits get RESOURCE_EXHAUSTED with a retry hint."""
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest request message gRPC reads (its own RESOURCE_EXHAUSTED past it); above what the
+    character limits allow, so that an oversized prompt gets INVALID_ARGUMENT naming the field."""
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+    """Longest prompt or message content in characters, checked before tokenizing."""
+    max_messages: int = Field(default=512, ge=1)
+    """Most chat messages in one request."""
+    max_tools: int = Field(default=128, ge=0)
+    """Most tool definitions in one request."""
+    lease_s: float = Field(default=30.0, gt=0)
+    """Seconds a running job stays with its replica without a heartbeat before another may take it."""
+    max_deliveries: int = Field(default=3, ge=1)
+    """Deliveries of one job before it ends DEAD_LETTERED (a job that crashes its replica every time)."""
+    reflection: bool = True
+    """Serve gRPC server reflection, so grpcurl works without the .proto files."""
+    drain_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM: seconds open calls may still run; inside Kubernetes' default 30 s grace period."""
+    health_interval_s: float = Field(default=1.0, gt=0)
+    """How often the gateway re-checks Redis and the replicas' heartbeats for its health status."""
+    agent_http_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    """Host names the `http_get` agent tool may fetch from (comma-separated, exact names); empty: the
+    tool is off, and a task naming it is refused with INVALID_ARGUMENT."""
+    agent_default_max_turns: int = Field(default=8, ge=1, le=256)
+    """Turns an agent task gets when it sets no `max_turns` of its own."""
+    log_level: str = "INFO"
+    """Log level of the CLI's processes."""
+
+    @field_validator("models", "api_keys", "agent_http_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split(value)
+
+    def model_paths(self) -> tuple[str, ...]:
+        """The models to serve, with the shipped default when none is configured."""
+        return self.models or (str(DEFAULT_MODEL_DIR),)
+
+    def redis_url_or_default(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    def api_key_values(self) -> frozenset[str]:
+        return frozenset(key.get_secret_value() for key in self.api_keys)

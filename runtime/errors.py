@@ -1,0 +1,288 @@
+"""Errors of the runtime (gateway, queue, SDK), sorted by who must act, and their gRPC status codes.
+
+    BlockPressError
+    ├── RequestError             the caller must change the request
+    │   ├── InvalidArgument      INVALID_ARGUMENT: names the field and the reason
+    │   ├── NotFound             NOT_FOUND
+    │   │   ├── ModelNotFound
+    │   │   ├── JobNotFound
+    │   │   └── TraceNotFound
+    │   ├── JobFinished          FAILED_PRECONDITION: cancelling a job that has already ended
+    │   ├── Unauthenticated      UNAUTHENTICATED: API keys are configured and none or a wrong one came
+    │   └── PermissionDenied     PERMISSION_DENIED
+    ├── QueueFull                RESOURCE_EXHAUSTED: the caller should retry after `retry_after_s`
+    ├── ServiceUnavailable       UNAVAILABLE: Redis or every replica is down, or the gateway is draining
+    ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's deadline passed before the answer
+    ├── ConfigurationError       the operator must act (bad setting, redis-server not installed)
+    └── JobError                 the job ran and did not succeed (SDK only, never a status code)
+        ├── JobFailed            FAILED or DEAD_LETTERED, with the job's error code and message
+        ├── JobCancelled
+        └── JobExpired
+
+This module is the one place that maps exceptions to gRPC status codes, the engine's
+(`blockpress.workers.errors`) and the agent layer's (`blockpress.agents.errors`) included: `to_status`
+on the server, `from_status` in the SDK. The exact class travels in the trailing metadata key
+`blockpress-error`, so the SDK raises what the gateway raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from blockpress.agents import errors as _agents
+from blockpress.workers import errors as _engine
+
+__all__ = [
+    "BlockPressError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "JobCancelled",
+    "JobError",
+    "JobExpired",
+    "JobFailed",
+    "JobFinished",
+    "JobNotFound",
+    "ModelNotFound",
+    "NotFound",
+    "PermissionDenied",
+    "QueueFull",
+    "RequestError",
+    "ServiceUnavailable",
+    "TraceNotFound",
+    "Unauthenticated",
+    "error_code",
+    "from_status",
+    "to_status",
+]
+
+ERROR_KEY = "blockpress-error"
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+class BlockPressError(Exception):
+    """Base class of the runtime's errors; `code` is the gRPC status code, `message` the server's text."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class RequestError(BlockPressError):
+    """The caller sent something the runtime will not run; retrying the same request will not help."""
+
+
+class InvalidArgument(RequestError, ValueError):
+    """A request field is missing, malformed or out of range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(RequestError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str, known: Sequence[str] = ()) -> None:
+        served = ", ".join(known) if known else "none"
+        super().__init__(f"model: unknown model {model!r}; this gateway serves: {served}")
+        self.model = model
+
+
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job_id: no job {job_id!r}")
+        self.job_id = job_id
+
+
+class TraceNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job_id: no trace kept for {job_id!r} (unknown job, tracing off, or past retention)")
+        self.job_id = job_id
+
+
+class JobFinished(RequestError):
+    """The job has already reached a final state, so it cannot be cancelled."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job_id: job {job_id!r} has already ended ({state}); nothing to cancel")
+        self.job_id = job_id
+        self.state = state
+
+
+class Unauthenticated(RequestError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RequestError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class QueueFull(BlockPressError):
+    """The model's queue is at its bound; the same request may succeed after `retry_after_s`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, retry_after_s: float, message: str | None = None) -> None:
+        self.retry_after_s = max(0.0, float(retry_after_s))
+        hint = f"retry after {self.retry_after_s * 1000:.0f} ms"
+        super().__init__(f"{message}; {hint}" if message else f"the queue is full; {hint}")
+
+
+class ServiceUnavailable(BlockPressError):
+    """A part the runtime needs is down (Redis, every replica) or the gateway is draining; retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(BlockPressError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ConfigurationError(BlockPressError):
+    """The operator must fix the deployment: a bad setting, a missing program, an unusable checkpoint."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class JobError(BlockPressError):
+    """The job was accepted and ran, but did not succeed; `job_id` and `state` say which and how."""
+
+    code = grpc.StatusCode.OK
+    state = ""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.state}: {self.message}"
+
+
+class JobFailed(JobError):
+    """The job failed (or was dead-lettered); `error_code` is the job's error code."""
+
+    state = "FAILED"
+
+    def __init__(self, job_id: str, error_code: str, message: str, *, state: str = "FAILED") -> None:
+        super().__init__(job_id, f"{error_code}: {message}")
+        self.error_code = error_code
+        self.state = state
+
+
+class JobCancelled(JobError):
+    state = "CANCELLED"
+
+
+class JobExpired(JobError):
+    state = "EXPIRED"
+
+
+# Engine and agent errors by who must act: the caller (INVALID_ARGUMENT), the operator
+# (FAILED_PRECONDITION), or nobody but a retry.
+_ENGINE_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (_engine.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (_agents.InvalidAgentTask, grpc.StatusCode.INVALID_ARGUMENT),
+    (_agents.ToolConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (_engine.ModelConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (_engine.GenerationCancelled, grpc.StatusCode.CANCELLED),
+    (_engine.EngineBroken, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def _status_code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, BlockPressError):
+        return exc.code
+    for kind, code in _ENGINE_CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_code(exc: BaseException) -> str:
+    """The status code name a job's `failed` event carries for `exc` (INVALID_ARGUMENT, ...)."""
+    return _status_code(exc).name
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status code, details and trailing metadata a gateway answers with for `exc`.
+
+    Anything that is not one of ours or the engine's is a bug in the runtime: INTERNAL, with the
+    exception's type but not its text, which may hold request data.
+    """
+    code = _status_code(exc)
+    trailers: list[tuple[str, str]] = []
+    if isinstance(exc, BlockPressError):
+        message = exc.message
+        trailers.append((ERROR_KEY, type(exc).__name__))
+    elif code is grpc.StatusCode.INTERNAL:
+        message = f"internal error ({type(exc).__name__}); see the gateway's log"
+    else:
+        message = str(exc)
+    if isinstance(exc, QueueFull):
+        trailers.append((RETRY_AFTER_KEY, str(round(exc.retry_after_s * 1000))))
+    if isinstance(exc, InvalidArgument | _engine.InvalidSettings | _engine.PromptTooLong | _agents.InvalidAgentTask):
+        trailers.append(("blockpress-field", exc.field))
+    return code, message, tuple(trailers)
+
+
+_BY_NAME: dict[str, type[BlockPressError]] = {
+    cls.__name__: cls
+    for cls in (
+        InvalidArgument,
+        ModelNotFound,
+        JobNotFound,
+        TraceNotFound,
+        JobFinished,
+        Unauthenticated,
+        PermissionDenied,
+        QueueFull,
+        ServiceUnavailable,
+        DeadlineExceeded,
+        ConfigurationError,
+    )
+}
+_BY_CODE: dict[grpc.StatusCode, type[BlockPressError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: JobFinished,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_status(
+    code: grpc.StatusCode, message: str, trailers: Sequence[tuple[str, str | bytes]] = ()
+) -> BlockPressError:
+    """The typed error for a status the gateway answered with; keeps its code and message."""
+    meta = {k: v if isinstance(v, str) else v.decode(errors="replace") for k, v in trailers}
+    cls = _BY_NAME.get(meta.get(ERROR_KEY, "")) or _BY_CODE.get(code, BlockPressError)
+    # Built without __init__: the server already wrote the full message, and the fields it was made
+    # from are not all on the wire.
+    err = cls.__new__(cls)
+    BlockPressError.__init__(err, message)
+    if cls.code is not code:
+        err.code = code
+    if isinstance(err, QueueFull):
+        err.retry_after_s = int(meta.get(RETRY_AFTER_KEY, "1000")) / 1000
+    if isinstance(err, InvalidArgument):
+        err.field = meta.get("blockpress-field") or message.partition(":")[0]
+        err.reason = message.partition(": ")[2] or message
+    return err

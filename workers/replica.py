@@ -1,0 +1,150 @@
+"""`Replica`: the Ray actor that holds one engine and pulls jobs of its model from the queue.
+
+The job loop (`JobRunner`) runs in a thread of its own with its own event loop, started by
+`__init__`. That matters for restarts: when the process dies (a broken engine calls `os._exit`, or
+someone kills it), Ray runs `__init__` again in a fresh process and the loop starts by itself, with
+no caller having to remember to call a `run` method. Actor methods (`info`, `stop`) answer from
+Ray's own thread while a job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import redis
+import redis.asyncio as aioredis
+
+from blockpress.runtime.queue import Claim, JobQueue
+
+from .runner import JobRunner
+
+__all__ = ["Replica"]
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class Replica:
+    """One engine pulling jobs of its model; the pool sets `num_gpus` and the actor's name.
+
+    Args:
+        model_path: checkpoint directory or hub id.
+        replica_id: the consumer name in the model's consumer group; stable across restarts.
+        redis_url: the queue's Redis.
+        queue_options: keyword arguments of `JobQueue` (lease_s, max_deliveries, ...).
+        device, dtype: passed to `DiffusionEngine.from_pretrained`.
+        torch_threads: intra-op threads for a CPU engine; None leaves torch's default.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        replica_id: str,
+        redis_url: str,
+        queue_options: dict[str, Any] | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        torch_threads: int | None = None,
+    ) -> None:
+        from .engine import DiffusionEngine
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.replica_id = replica_id
+        self.started_at = time.time()
+        engine: Any = DiffusionEngine.from_pretrained(model_path, device=device, dtype=dtype)
+        self.model = engine.model_name
+        self.engine_info = {
+            "model": engine.model_name,
+            "context_length": engine.context_length,
+            "canvas_length": engine.canvas_length,
+            "dtype": engine.dtype,
+            "device": engine.device,
+        }
+        try:
+            from blockpress.runtime.telemetry import TracedEngine, setup_tracing
+
+            # This actor is its own process: its spans go to the trace store beside the queue (and to
+            # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+            setup_tracing("blockpress-replica", redis_url=redis_url)
+            engine = TracedEngine(engine)
+        except ImportError:  # tracing is optional for the loop; the engine works the same
+            pass
+        self._engine = engine
+        self._redis_url = redis_url
+        self._queue_options = dict(queue_options or {})
+        self._runner: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"replica-{replica_id}", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=30)
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:
+            log.exception("replica %s: job loop died", self.replica_id)
+        if self._stop is None or not self._stop.is_set():
+            # The loop ended without being asked to: restart the whole actor rather than idle.
+            os._exit(75)
+
+    async def _main(self) -> None:
+        client = aioredis.Redis.from_url(self._redis_url, socket_connect_timeout=2.0, health_check_interval=10)
+        sync_client = redis.Redis.from_url(self._redis_url, socket_connect_timeout=2.0)
+        try:
+            queue = JobQueue(client, **self._queue_options)
+            self._runner = JobRunner(
+                self._engine,
+                queue,
+                model=self.model,
+                replica_id=self.replica_id,
+                agent_options=_ledger_factory(sync_client, queue),
+            )
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._runner.run(self._stop)
+        finally:
+            await client.aclose()
+            sync_client.close()
+
+    def info(self) -> dict[str, Any]:
+        """Who and how this replica is: id, pid, engine facts, jobs done, the job in hand."""
+        runner = self._runner
+        return {
+            "replica_id": self.replica_id,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "running": self._thread.is_alive(),
+            "jobs_done": runner.jobs_done if runner else 0,
+            "current_job": runner.current if runner else None,
+            **self.engine_info,
+        }
+
+    def stop(self, timeout_s: float = 60.0) -> bool:
+        """Stops claiming jobs, lets the job in hand finish, and returns whether the loop ended in time."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+def _ledger_factory(client: redis.Redis, queue: JobQueue) -> Callable[[Claim], dict[str, Any]] | None:
+    """Agent jobs record their turns in Redis, fenced by attempt, so a redelivery resumes them."""
+    try:
+        from blockpress.runtime.ledger import RedisLedger
+    except ImportError:
+        return None
+    return lambda claim: {"ledger": RedisLedger(client, claim.job_id, claim.attempt, keys=queue.keys)}

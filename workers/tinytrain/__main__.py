@@ -1,0 +1,36 @@
+"""`python -m blockpress.workers.tinytrain --seed 0 --out workers/checkpoints/tiny-calculator`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .train import TrainSettings, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the tiny DiffusionGemma calculator checkpoint.")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--threads", type=int, default=TrainSettings.threads)
+    parser.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint")
+    parser.add_argument("--save-every", type=int, default=0, help="also save into OUT/partial every N steps")
+    args = parser.parse_args()
+    settings = TrainSettings(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+        save_every=args.save_every,
+        init_from=args.init_from,
+    )
+    log = train(args.out, settings)
+    print(f"trained in {log['wall_s']} s, final loss {log['final_loss_mean_50']:.4f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

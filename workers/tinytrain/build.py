@@ -1,0 +1,162 @@
+"""The tiny checkpoint's parts that are not weights: tokenizer, model config, generation config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import DiffusionGemmaConfig, GenerationConfig, PreTrainedTokenizerFast
+
+from .data import random_samples, random_system_prompt, random_tools, render_prefix
+
+__all__ = ["CHAT_TEMPLATE_PATH", "SPECIAL_TOKENS", "build_generation_config", "build_model_config", "build_tokenizer"]
+
+CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
+
+# Ids 0-2 match DiffusionGemma's config defaults (pad 0, eos 1, bos 2); the rest are Gemma 4's chat and
+# tool-call markers, which must be single tokens (docs/CONTRACTS.md).
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<|turn>",
+    "<turn|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+]
+
+_VOCAB_SIZE = 1024
+CANVAS_LENGTH = 32
+
+
+def _bootstrap_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with only the special tokens, enough to render training text with the chat template."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return _wrap(tok)
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
+    fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
+    return fast
+
+
+def build_tokenizer(*, seed: int, corpus_conversations: int = 1000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the synthetic conversations, with the chat template attached.
+
+    Digits are split one per token so that every number is spelled the same way wherever it appears,
+    which is what lets a tiny model copy numbers between the tool call, the tool result and the answer.
+    Byte-level pieces mean any text encodes (nothing maps to `<unk>`).
+    """
+    rng = random.Random(seed)
+    bootstrap = _bootstrap_tokenizer()
+    corpus: list[str] = []
+    for _ in range(corpus_conversations):
+        tools = random_tools(rng)
+        for sample in random_samples(rng, random_system_prompt(rng)):
+            corpus.append(render_prefix(bootstrap, sample.messages, tools) + sample.target)
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # Plain-text prompts get <bos> like the chat template's; chat prompts are encoded without special tokens.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
+    )
+    return _wrap(tok)
+
+
+def build_model_config(vocab_size: int) -> DiffusionGemmaConfig:
+    """A few-layer DiffusionGemma with the real model's shape rules (MoE, sliding + full attention)."""
+    text_config: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 24,
+        "global_head_dim": 24,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 96,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "sliding_window": 128,
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
+    vision_config = {
+        "model_type": "gemma4_vision",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
+    # Image token ids must lie inside the vocabulary; this checkpoint never sees images, so the otherwise
+    # unused <unk> id stands in for all three.
+    # The top-level special ids are not declared config fields (mypy), but generate() reads them there.
+    return DiffusionGemmaConfig(  # type: ignore[call-arg]
+        text_config=text_config,
+        vision_config=vision_config,
+        canvas_length=CANVAS_LENGTH,
+        boi_token_id=3,
+        eoi_token_id=3,
+        image_token_id=3,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+
+
+def build_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Denoising defaults for this checkpoint; a model turn ends at <eos> or <turn|>."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    turn_end = tokenizer.convert_tokens_to_ids("<turn|>")
+    return DiffusionGemmaGenerationConfig(
+        max_new_tokens=128,
+        max_denoising_steps=16,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.5),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.05,
+        bos_token_id=2,
+        pad_token_id=0,
+        eos_token_id=[1, turn_end],
+    )

@@ -1,0 +1,235 @@
+"""The training loop: block-diffusion denoising of synthetic calculator conversations on CPU.
+
+Each example is one canvas of one model turn. The prompt and the turn's earlier canvases go through the
+causal encoder (as the engine prefills them); the canvas has a random fraction of its tokens replaced by
+uniformly random tokens (as the engine's first step and its renoising do); half the examples also see
+the model's own previous prediction as self-conditioning, as every step after the engine's first does.
+The loss is cross-entropy over the whole canvas, including the <pad> tokens after <turn|>, so that a
+trained model fills the rest of its last canvas with padding and stops there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
+
+from .build import build_generation_config, build_model_config, build_tokenizer
+from .data import random_samples, random_system_prompt, random_tools, render_prefix
+
+__all__ = ["TrainSettings", "train"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """What a training run does; the defaults are the shipped checkpoint's run."""
+
+    seed: int = 0
+    """Seeds data, initialisation, noise and the tokenizer's corpus: the same seed gives the same weights."""
+    steps: int = 900
+    """Optimizer steps."""
+    batch_size: int = 24
+    """Canvases per step."""
+    lr: float = 4e-3
+    """Peak learning rate (linear warm-up, cosine decay)."""
+    warmup: int = 50
+    """Warm-up steps."""
+    self_condition_rate: float = 0.4
+    """Fraction of examples that see the model's own previous prediction."""
+    threads: int = 1
+    """torch CPU threads."""
+    init_from: Path | None = None
+    """Continue from this checkpoint's weights and tokenizer instead of a fresh initialisation."""
+    save_every: int = 0
+    """Also save the checkpoint every this many steps (0: only at the end), to try a run while it trains."""
+
+
+@dataclass
+class _Batch:
+    shared: torch.Tensor  # (1, P): the system turn every example of the batch starts with
+    ids: torch.Tensor  # (B, L): the rest of each prompt (and earlier canvases), right-padded
+    mask: torch.Tensor  # (B, L): 1 on real tokens of `ids`
+    targets: torch.Tensor  # (B, C): the canvas each example must denoise
+
+
+def _batch(tokenizer: PreTrainedTokenizerFast, rng: random.Random, size: int, canvas: int) -> _Batch:
+    """`size` random canvases of random model turns, all under one random system prompt and tool list."""
+    system = random_system_prompt(rng)
+    tools = random_tools(rng)
+    head = [] if system is None else [{"role": "system", "content": system}]
+    # Rendered with a placeholder user turn (the template refuses an empty conversation), then cut there.
+    probe = render_prefix(tokenizer, [*head, {"role": "user", "content": "x"}], tools)
+    shared_text = probe[: probe.index("<|turn>user")]
+    shared = tokenizer(shared_text, add_special_tokens=False)["input_ids"]
+    rests: list[list[int]] = []
+    targets: list[list[int]] = []
+    for _ in range(size):
+        sample = rng.choice(random_samples(rng, system))
+        prompt = tokenizer(render_prefix(tokenizer, sample.messages, tools), add_special_tokens=False)
+        prompt_ids = list(prompt["input_ids"])
+        if prompt_ids[: len(shared)] != shared:
+            raise AssertionError("the system turn did not tokenize the same inside the full prompt")
+        turn = tokenizer(sample.target + "<turn|>", add_special_tokens=False)["input_ids"]
+        n_canvases = math.ceil(len(turn) / canvas)
+        turn = turn + [tokenizer.pad_token_id] * (n_canvases * canvas - len(turn))
+        k = rng.randrange(n_canvases)
+        rests.append(prompt_ids[len(shared) :] + turn[: k * canvas])
+        targets.append(turn[k * canvas : (k + 1) * canvas])
+    width = max(len(r) for r in rests)
+    ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((size, width), dtype=torch.long)
+    for i, rest in enumerate(rests):
+        ids[i, : len(rest)] = torch.tensor(rest)
+        mask[i, : len(rest)] = 1
+    return _Batch(torch.tensor([shared]), ids, mask, torch.tensor(targets))
+
+
+def _loss(
+    model: DiffusionGemmaForBlockDiffusion,
+    b: _Batch,
+    gen: torch.Generator,
+    self_condition_rate: float,
+) -> torch.Tensor:
+    batch, canvas = b.targets.shape
+    vocab = model.config.get_text_config().vocab_size
+    encoder = model.model.encoder
+    rate = torch.rand((batch, 1), generator=gen)
+    noise = torch.randint(0, vocab, (batch, canvas), generator=gen)
+    noised = torch.where(torch.rand((batch, canvas), generator=gen) < rate, noise, b.targets)
+
+    # The system turn (tool declarations) is the same for the whole batch and is most of every prompt:
+    # encoding it once, without gradient, and sharing its KV cuts a step's cost by about three. The
+    # values are exactly what inference sees; only the gradient into how that turn is encoded is lost.
+    shared_len = b.shared.shape[1]
+    with torch.no_grad():
+        cache = encoder(input_ids=b.shared).past_key_values
+    cache.batch_repeat_interleave(batch)
+    # Right padding keeps every encoder row's causal attention non-empty; the decoder masks the pad slots
+    # through the 2D mask and places the canvas right after each row's real tokens.
+    ones = torch.ones((batch, shared_len), dtype=b.mask.dtype)
+    enc_mask = torch.cat([ones, b.mask], dim=1)
+    positions = (shared_len + torch.arange(b.ids.shape[1])).unsqueeze(0).expand(batch, -1)
+    cache = encoder(
+        input_ids=b.ids, attention_mask=enc_mask, position_ids=positions, past_key_values=cache
+    ).past_key_values
+    decoder_mask = torch.cat([enc_mask, torch.ones((batch, canvas), dtype=b.mask.dtype)], dim=1)
+    decoder_positions = enc_mask.sum(dim=1, keepdim=True) + torch.arange(canvas).unsqueeze(0)
+    common: dict[str, Any] = {
+        "past_key_values": cache,
+        "decoder_input_ids": noised,
+        "decoder_attention_mask": decoder_mask,
+        "decoder_position_ids": decoder_positions,
+    }
+    # Self-conditioning is decided per batch so that batches without it skip the extra pass.
+    if torch.rand((), generator=gen) < self_condition_rate:
+        with torch.no_grad():
+            # The engine feeds back temperature-scaled logits (t between t_min and t_max).
+            temperature = 0.4 + 0.4 * torch.rand((batch, 1, 1), generator=gen)
+            previous = model(**common).logits / temperature
+        logits = model(**common, self_conditioning_logits=previous).logits
+    else:
+        logits = model(**common).logits
+    return F.cross_entropy(logits.reshape(-1, vocab), b.targets.reshape(-1))
+
+
+def _plot(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on the machines this runs on
+    import matplotlib.pyplot as plt
+
+    window = 25
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label="per step")
+    ax.plot(smooth, label=f"mean of {window}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("canvas cross-entropy")
+    ax.set_title("tiny-calculator training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _save(model: DiffusionGemmaForBlockDiffusion, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def train(out: Path, settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
+    """Trains the tiny calculator checkpoint and saves it (and `loss.png`, `train_log.json`) into `out`."""
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+
+    if settings.init_from is not None:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(settings.init_from)
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.init_from, dtype=torch.float32)
+        config = model.config
+    else:
+        tokenizer = build_tokenizer(seed=settings.seed)
+        config = build_model_config(len(tokenizer))
+        model = DiffusionGemmaForBlockDiffusion(config)
+    model.generation_config = build_generation_config(tokenizer)
+    model.train()
+    assert config.canvas_length is not None
+    canvas = config.canvas_length
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return settings.lr * (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc="train", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = _loss(model, _batch(tokenizer, rng, settings.batch_size, canvas), gen, settings.self_condition_rate)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+        if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+            _save(model, tokenizer, out / "partial")
+    wall_s = time.perf_counter() - started
+
+    _save(model, tokenizer, out)
+    _plot(losses, out / "loss.png")
+    log = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+        "wall_s": round(wall_s, 1),
+        "final_loss_mean_50": sum(losses[-50:]) / len(losses[-50:]),
+        "losses_every_10": [round(x, 5) for x in losses[::10]],
+    }
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return log
