@@ -136,7 +136,7 @@ def run_agent_job(
         "usage": {
             "prompt_tokens": sum(s.prompt_tokens for s in stats),
             "completion_tokens": result.tokens,
-            "prefilled_tokens": sum(s.reused_tokens for s in stats),
+            "prefilled_tokens": sum(s.prompt_tokens - s.reused_tokens for s in stats),
         },
         "timings": {
             "first_canvas_s": stats[0].first_canvas_s if stats else 0.0,

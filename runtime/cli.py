@@ -86,7 +86,9 @@ async def _gateway(settings: RuntimeSettings) -> int:
     from .telemetry import setup_tracing
     from .validation import load_model_card
 
-    setup_tracing("blockpress-gateway", redis_url=settings.redis_url_or_default())
+    setup_tracing(
+        "blockpress-gateway", redis_url=settings.redis_url_or_default(), retention_s=settings.trace_retention_s
+    )
 
     cards = {}
     for path in default_models(settings):
@@ -105,21 +107,14 @@ async def _gateway(settings: RuntimeSettings) -> int:
 def _replicas(settings: RuntimeSettings) -> int:
     from blockpress.workers.pool import ReplicaPool
 
-    from .embedded import default_models, start_ray
+    from .embedded import default_models, replica_options, start_ray
 
     started_ray = start_ray(settings.ray_address)
     pools = []
-    queue_options = {"lease_s": settings.lease_s, "max_deliveries": settings.max_deliveries}
+    options = replica_options(settings)
     try:
         for path in default_models(settings):
-            pool = ReplicaPool(
-                path,
-                settings.replicas,
-                redis_url=settings.redis_url_or_default(),
-                queue_options=queue_options,
-                device=settings.device,
-                dtype=settings.dtype,
-            )
+            pool = ReplicaPool(path, settings.replicas, redis_url=settings.redis_url_or_default(), **options)
             pool.start()
             pool.watch()
             pools.append(pool)

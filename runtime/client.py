@@ -47,7 +47,17 @@ from .jobs import Event, EventType, JobState, new_job_id
 if TYPE_CHECKING:
     from .tracestore import SpanRecord
 
-__all__ = ["AgentResult", "AgentToolCall", "AsyncClient", "AsyncJobHandle", "Client", "JobHandle", "Result", "Usage"]
+__all__ = [
+    "AgentResult",
+    "AgentToolCall",
+    "AsyncClient",
+    "AsyncJobHandle",
+    "Client",
+    "JobHandle",
+    "Result",
+    "ToolCall",
+    "Usage",
+]
 
 _SETTINGS = frozenset(pb.Settings.DESCRIPTOR.fields_by_name)
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
@@ -62,6 +72,14 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made to one of the client's tools; the caller runs it and sends the answer back."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     """A finished generation."""
 
@@ -69,19 +87,21 @@ class Result:
     text: str
     token_ids: list[int]
     stop_reason: str
+    """`stop_token` or `max_new_tokens`; with client `tools` also `tool_call` (see `tool_calls`) or
+    `malformed_tool_call` (the model opened a call it did not write correctly)."""
     usage: Usage
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds: queue_s, prefill_s, first_canvas_s, denoise_s, total_s."""
     canvases: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the model made to the client's tools (a generation with `tools` only)."""
 
 
 @dataclass(frozen=True, slots=True)
-class AgentToolCall:
+class AgentToolCall(ToolCall):
     """One tool call an agent made, with what the tool answered."""
 
     turn: int
-    name: str
-    arguments: dict[str, Any]
     result: str | None = None
     """The tool's answer as the model saw it (truncated for the event stream); None if it never ran."""
     is_error: bool = False
@@ -212,6 +232,10 @@ def outcome(job_id: str, event: Event) -> Result:
             usage=Usage(**usage),
             timings=dict(d.get("timings", {})),
             canvases=int(d.get("canvases", 0)),
+            tool_calls=tuple(
+                ToolCall(c.get("name", ""), json.loads(c.get("arguments_json") or "{}"))
+                for c in d.get("tool_calls", ())
+            ),
         )
     error = d.get("error") or {}
     if event.type in ("failed", "dead_lettered"):
@@ -246,7 +270,7 @@ def job_outcome(job_id: str, events: Sequence[Event]) -> Result:
             }
         elif e.type == EventType.TOOL_RESULT and d.get("call_id", e.id) in calls:
             calls[d.get("call_id", e.id)].update(result=d.get("content", ""), is_error=bool(d.get("is_error")))
-    fields = {name: getattr(result, name) for name in Result.__dataclass_fields__}
+    fields = {name: getattr(result, name) for name in Result.__dataclass_fields__ if name != "tool_calls"}
     return AgentResult(**fields, turns=len(turns), tool_calls=tuple(AgentToolCall(**c) for c in calls.values()))
 
 

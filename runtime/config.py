@@ -89,6 +89,17 @@ class RuntimeSettings(BaseSettings):
     tool is off, and a task naming it is refused with INVALID_ARGUMENT."""
     agent_default_max_turns: int = Field(default=8, ge=1, le=256)
     """Turns an agent task gets when it sets no `max_turns` of its own."""
+    replica_max_sessions: int = Field(default=8, ge=0)
+    """Client sessions (engine KV caches for a `session_id`) each replica keeps, least recently used
+    dropped first; 0 keeps none, so every turn prefills its whole prompt."""
+    replica_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port each replica serves Prometheus `/metrics` on; 0 picks a free port per replica (several on one
+    machine); None (default) serves none."""
+    gateway_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port the gateway serves Prometheus `/metrics` on (queue depth, oldest wait, live replicas: what an
+    autoscaler reads); None (default) serves none."""
+    trace_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    """Seconds the trace store keeps a job's spans after its last span ended (for `GetTrace`)."""
     log_level: str = "INFO"
     """Log level of the CLI's processes."""
 

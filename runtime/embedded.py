@@ -22,7 +22,7 @@ from typing import Any
 from .config import DEFAULT_MODEL_DIR, RuntimeSettings
 from .errors import ConfigurationError
 
-__all__ = ["OwnedRedis", "default_models", "embedded_runtime", "start_ray"]
+__all__ = ["OwnedRedis", "default_models", "embedded_runtime", "replica_options", "start_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,19 @@ def default_models(settings: RuntimeSettings) -> tuple[str, ...]:
     return (str(fallback),)
 
 
+def replica_options(settings: RuntimeSettings) -> dict[str, Any]:
+    """The `ReplicaPool` keyword arguments `settings` determine, besides the model and the Redis URL."""
+    return {
+        "queue_options": {"lease_s": settings.lease_s, "max_deliveries": settings.max_deliveries},
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "max_sessions": settings.replica_max_sessions,
+        "metrics_port": settings.replica_metrics_port,
+        "http_allowed_hosts": settings.agent_http_allowed_hosts,
+        "trace_retention_s": settings.trace_retention_s,
+    }
+
+
 @contextlib.asynccontextmanager
 async def embedded_runtime(
     settings: RuntimeSettings, *, models: Sequence[str] | None = None, pool_options: dict[str, Any] | None = None
@@ -170,23 +183,15 @@ async def embedded_runtime(
         settings = settings.model_copy(update={"redis_url": redis_url})
         from .telemetry import setup_tracing
 
-        setup_tracing("blockpress-gateway", redis_url=redis_url)
+        setup_tracing("blockpress-gateway", redis_url=redis_url, retention_s=settings.trace_retention_s)
         # In this thread: Ray installs its signal handlers only from the main thread.
         if start_ray(settings.ray_address):
             import ray
 
             stack.callback(ray.shutdown)
-        queue_options = {"lease_s": settings.lease_s, "max_deliveries": settings.max_deliveries}
+        options = {**replica_options(settings), **(pool_options or {})}
         for path in paths:
-            pool = ReplicaPool(
-                path,
-                settings.replicas,
-                redis_url=redis_url,
-                queue_options=queue_options,
-                device=settings.device,
-                dtype=settings.dtype,
-                **(pool_options or {}),
-            )
+            pool = ReplicaPool(path, settings.replicas, redis_url=redis_url, **options)
             await asyncio.to_thread(pool.start)
             pool.watch()
             stack.callback(pool.stop, drain_s=settings.drain_s)

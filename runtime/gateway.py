@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
 _WATCH_BLOCK_MS = 2000
+_METRICS_INTERVAL_S = 5.0
 
 
 STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
@@ -59,9 +60,19 @@ STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobS
 def event_to_pb(job_id: str, event: Event) -> pb.JobEvent:
     """A domain event as its proto; unknown payload keys (a newer writer) are ignored."""
     out = pb.JobEvent(id=event.id, job_id=job_id, time=event.ts)
-    if event.type in pb.JobEvent.DESCRIPTOR.fields_by_name:
+    if event.type == "completed":
+        completed_to_pb(event.data, out.completed)
+    elif event.type in pb.JobEvent.DESCRIPTOR.fields_by_name:
         json_format.ParseDict(event.data, getattr(out, event.type), ignore_unknown_fields=True)
     return out
+
+
+def completed_to_pb(data: Mapping[str, Any], out: pb.Completed) -> None:
+    """Fills `out` from a `completed` payload. Tool calls carry `arguments` as a mapping while the proto
+    has `arguments_json`: ParseDict with ignore_unknown_fields would drop them silently."""
+    json_format.ParseDict({k: v for k, v in data.items() if k != "tool_calls"}, out, ignore_unknown_fields=True)
+    for call in data.get("tool_calls") or ():
+        out.tool_calls.add(name=call["name"], arguments_json=json.dumps(call.get("arguments") or {}))
 
 
 def record_to_pb(record: JobRecord) -> pb.Job:
@@ -79,7 +90,7 @@ def record_to_pb(record: JobRecord) -> pb.Job:
         finished_at=record.finished_at or 0.0,
     )
     if record.result is not None:
-        json_format.ParseDict(record.result, job.result, ignore_unknown_fields=True)
+        completed_to_pb(record.result, job.result)
     if record.error is not None:
         json_format.ParseDict(record.error, job.error, ignore_unknown_fields=True)
     return job
@@ -348,6 +359,11 @@ class Gateway:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self.metrics_port: int | None = None
+        """The port `/metrics` is served on, once started with `gateway_metrics_port` set."""
+        self._metrics_server: Any = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._sampler_stop = asyncio.Event()
         self._tracer = tracer
         self._traces = trace_store
         self._trace_client: Any = None  # the trace store's Redis client when the gateway opened it
@@ -444,6 +460,12 @@ class Gateway:
         await server.start()
         self._server = server
         self._monitor = asyncio.create_task(self._watch_health(), name="gateway-health")
+        if self.settings.gateway_metrics_port is not None:
+            from .metrics import start_metrics_server
+
+            self._metrics_server = start_metrics_server(self.settings.gateway_metrics_port, host=self.settings.host)
+            self.metrics_port = int(self._metrics_server.server_port)
+            self._sampler = asyncio.create_task(self._sample_queues(), name="gateway-metrics")
         log.info("gateway listening on %s:%d serving %s", self.settings.host, self.port, ", ".join(self.cards))
         return self.port
 
@@ -457,6 +479,12 @@ class Gateway:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        if self._sampler is not None:
+            self._sampler_stop.set()
+            await self._sampler
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
         if self._trace_client is not None:
             self._trace_client.close()
 
@@ -488,6 +516,25 @@ class Gateway:
         while not self.draining:
             await asyncio.sleep(self.settings.health_interval_s)
             await self._check_health()
+
+    async def _sample_queues(self) -> None:
+        """`metrics.sample_queues`' rounds, ended by an event rather than a cancel: a cancel that lands
+        inside a Redis call would leave the queue's shared connection in the middle of a reply."""
+        from .metrics import get_metrics
+
+        metrics = get_metrics()
+        while not self._sampler_stop.is_set():
+            for name in self.cards:
+                try:
+                    depth, age, live = await asyncio.gather(
+                        self.queue.depth(name), self.queue.oldest_age(name), self.queue.live_replicas(name)
+                    )
+                except (RedisError, OSError) as exc:  # the gauges keep their last values; health reports it
+                    log.debug("metrics: sampling %s failed: %s", name, exc)
+                    continue
+                metrics.observe_queue(name, depth=depth, oldest_age_s=age, replicas_live=live)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sampler_stop.wait(), _METRICS_INTERVAL_S)
 
     @classmethod
     def from_settings(cls, settings: RuntimeSettings, cards: Mapping[str, ModelCard]) -> Gateway:

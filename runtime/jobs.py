@@ -15,6 +15,10 @@ Event payloads (`Event.data`) follow the proto messages of the same name (proto/
     tool_result    {turn, call_id, name, content, is_error}
     completed      {text, token_ids, stop_reason, canvases, usage: {prompt_tokens, completion_tokens,
                     prefilled_tokens}, timings: {queue_s, prefill_s, first_canvas_s, denoise_s, total_s}}
+                   with client tools (`JobSpec.tools`) also tool_calls: [{name, arguments}], and
+                   stop_reason "tool_call" (or "malformed_tool_call", `text` then the raw turn);
+                   usage.prefilled_tokens counts prompt tokens the encoder ran (fewer than
+                   prompt_tokens when a session's cache was warm)
     failed         {error: {code, message}, attempt}
     cancelled      {reason}
     expired        {deadline}

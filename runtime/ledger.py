@@ -52,7 +52,7 @@ class RedisLedger(Ledger):
         self._redis = client
         self._keys = keys or Keys()
         self._job_key = self._keys.job(job_id)
-        self._key = f"{self._job_key}:ledger"
+        self._key = self._keys.ledger(job_id)
         self._attempt = str(attempt)
         self._ttl_s = ttl_s
         self._put = client.register_script(_FENCED_PUT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -36,6 +36,12 @@ class ReplicaPool:
         env: environment variables of the replicas' processes (e.g. `BLOCKPRESS_TEST_FAULTS`).
         name_prefix: actor names are `<prefix><model>-<i>`.
         torch_threads: intra-op threads per CPU replica; None leaves torch's default.
+        max_sessions: client sessions (KV caches) each replica keeps, least recently used dropped.
+        metrics_port: each replica serves Prometheus `/metrics` on this port; 0 picks a free port per
+            replica (several replicas share a machine), see `infos()`. None (default) serves none.
+        agent_pin: the pin policy of agent turns, as `module:function` (see `Replica`).
+        http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
+        trace_retention_s: how long the trace store keeps the replicas' spans; None: its default.
     """
 
     def __init__(
@@ -50,6 +56,11 @@ class ReplicaPool:
         env: Mapping[str, str] | None = None,
         name_prefix: str = "blockpress-",
         torch_threads: int | None = None,
+        max_sessions: int = 8,
+        metrics_port: int | None = None,
+        agent_pin: str | None = None,
+        http_allowed_hosts: Sequence[str] = (),
+        trace_retention_s: float | None = None,
     ) -> None:
         from blockpress.runtime.config import model_name
 
@@ -62,6 +73,11 @@ class ReplicaPool:
             "device": device,
             "dtype": dtype,
             "torch_threads": torch_threads,
+            "max_sessions": max_sessions,
+            "metrics_port": metrics_port,
+            "agent_pin": agent_pin,
+            "http_allowed_hosts": tuple(http_allowed_hosts),
+            "trace_retention_s": trace_retention_s,
         }
         self._env = dict(env or {})
         self._prefix = name_prefix

@@ -10,11 +10,12 @@ Ray's own thread while a job runs.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -41,6 +42,15 @@ class Replica:
         queue_options: keyword arguments of `JobQueue` (lease_s, max_deliveries, ...).
         device, dtype: passed to `DiffusionEngine.from_pretrained`.
         torch_threads: intra-op threads for a CPU engine; None leaves torch's default.
+        max_sessions: engine sessions (KV caches) kept for client `session_id`s, least recently used
+            dropped first.
+        metrics_port: serve Prometheus `/metrics` of this replica on this port (0: any free port,
+            which `info()["metrics_port"]` then names); None serves none.
+        agent_pin: a `blockpress.agents.engine_model.TemplatePolicy` as `module:function` (for
+            example `blockpress.agents.engine_model:pin_tool_call_skeleton`): text pinned at the start
+            of agent turns. None pins nothing.
+        http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
+        trace_retention_s: how long the trace store keeps this replica's spans; None: its default.
     """
 
     def __init__(
@@ -53,6 +63,11 @@ class Replica:
         device: str = "auto",
         dtype: str = "auto",
         torch_threads: int | None = None,
+        max_sessions: int = 8,
+        metrics_port: int | None = None,
+        agent_pin: str | None = None,
+        http_allowed_hosts: Sequence[str] = (),
+        trace_retention_s: float | None = None,
     ) -> None:
         from .engine import DiffusionEngine
 
@@ -76,11 +91,19 @@ class Replica:
 
             # This actor is its own process: its spans go to the trace store beside the queue (and to
             # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
-            setup_tracing("blockpress-replica", redis_url=redis_url)
+            retention = {} if trace_retention_s is None else {"retention_s": trace_retention_s}
+            setup_tracing("blockpress-replica", redis_url=redis_url, **retention)
             engine = TracedEngine(engine)
         except ImportError:  # tracing is optional for the loop; the engine works the same
             pass
         self._engine = engine
+        self._agent_options = _agent_options(agent_pin, http_allowed_hosts)
+        self.metrics_port: int | None = None
+        if metrics_port is not None:
+            from blockpress.runtime.metrics import start_metrics_server
+
+            self.metrics_port = int(start_metrics_server(metrics_port).server_port)
+        self._max_sessions = max_sessions
         self._redis_url = redis_url
         self._queue_options = dict(queue_options or {})
         self._runner: Any = None
@@ -110,7 +133,8 @@ class Replica:
                 queue,
                 model=self.model,
                 replica_id=self.replica_id,
-                agent_options=_ledger_factory(sync_client, queue),
+                agent_options=_per_claim(self._agent_options, sync_client, queue),
+                max_sessions=self._max_sessions,
             )
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
@@ -130,6 +154,7 @@ class Replica:
             "running": self._thread.is_alive(),
             "jobs_done": runner.jobs_done if runner else 0,
             "current_job": runner.current if runner else None,
+            "metrics_port": self.metrics_port,
             **self.engine_info,
         }
 
@@ -141,10 +166,32 @@ class Replica:
         return not self._thread.is_alive()
 
 
-def _ledger_factory(client: redis.Redis, queue: JobQueue) -> Callable[[Claim], dict[str, Any]] | None:
+def _agent_options(pin: str | None, http_allowed_hosts: Sequence[str] = ()) -> dict[str, Any]:
+    """What every agent job of this replica shares: the tool registry and the pin policy.
+
+    The registry (built-ins and the `blockpress.tools` entry points) is loaded here, when the replica
+    starts, so that a plugin that fails to import stops the replica at once with its name rather than
+    failing its first agent job.
+    """
+    try:
+        from blockpress.agents.builtins import http_get_tool
+        from blockpress.agents.job import default_registry
+    except ImportError:  # an install without the agent layer serves generations only
+        return {}
+    registry = default_registry()
+    if http_allowed_hosts:  # off unless the operator allowed some hosts, as `builtin_tools` has it
+        registry.register(http_get_tool(http_allowed_hosts))
+    options: dict[str, Any] = {"registry": registry}
+    if pin:
+        module, _, name = pin.partition(":")
+        options["pin"] = getattr(importlib.import_module(module), name)
+    return options
+
+
+def _per_claim(shared: dict[str, Any], client: redis.Redis, queue: JobQueue) -> Callable[[Claim], dict[str, Any]]:
     """Agent jobs record their turns in Redis, fenced by attempt, so a redelivery resumes them."""
     try:
         from blockpress.runtime.ledger import RedisLedger
     except ImportError:
-        return None
-    return lambda claim: {"ledger": RedisLedger(client, claim.job_id, claim.attempt, keys=queue.keys)}
+        return lambda claim: dict(shared)
+    return lambda claim: {**shared, "ledger": RedisLedger(client, claim.job_id, claim.attempt, keys=queue.keys)}

@@ -11,6 +11,17 @@ refuses; CANCELLED; nothing at all when the lease was lost (the newer attempt ow
 `EngineBroken` (CUDA error, out of memory) calls `on_broken`, which by default ends the process so
 that Ray starts a fresh replica; the job is redelivered once its lease expires.
 
+Client-side tool calls: a generation whose `JobSpec.tools` is set renders its messages with those tools
+and stops at the first committed canvas that completes a tool call; the `completed` payload then has
+`stop_reason` "tool_call" and `tool_calls: [{name, arguments}]` (always present, maybe empty, when tools
+were sent). A `session_id` keeps the generation's `EngineSession` in a bounded LRU (`max_sessions`), so
+the conversation's next job, whose prompt extends this one, prefills only its new tokens
+(`usage.prefilled_tokens` says how many the encoder ran).
+
+After the final write the job is counted in the process's Prometheus metrics (state; for a generation
+also steps per canvas, tokens per second, time to first canvas) and its `replica.run` span gets the
+final state, stop reason and token counts.
+
 Agent jobs (`kind == "agent"`) go to `blockpress.agents.run_agent_job(engine, spec, *, emit, cancel)`,
 called in the worker thread; it returns the `completed` payload, calls `emit(type, data)` for its
 events and raises `InvalidRequest` for bad input. Without it the job fails with UNIMPLEMENTED.
@@ -31,15 +42,19 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
+from blockpress.agents.errors import MalformedToolCall
+from blockpress.agents.toolcalls import has_complete_call, parse_turn
 from blockpress.runtime.jobs import EventType, JobState
 from blockpress.runtime.queue import TRANSIENT_ERRORS, Claim, JobQueue
 
 from .errors import EngineBroken, GenerationCancelled, InvalidRequest
 from .settings import DenoiseSettings
-from .types import CanvasEvent, DraftEvent, EndEvent, GenerationResult
+from .types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
 
 __all__ = ["FAULTS_ENV", "JobRunner"]
 
@@ -68,6 +83,8 @@ class JobRunner:
         on_broken: called when the engine cannot go on; the default ends the process.
         agent_options: extra keyword arguments of `run_agent_job` per claim (e.g. a `RedisLedger`
             for the claim's attempt, so that a redelivered agent job resumes).
+        max_sessions: engine sessions (KV caches) kept for `session_id`s, least recently used dropped
+            first; each holds a conversation's cache in the engine's memory. 0 keeps none.
     """
 
     def __init__(
@@ -81,6 +98,7 @@ class JobRunner:
         draft_interval_s: float = 0.25,
         on_broken: Callable[[BaseException], None] = _exit_process,
         agent_options: Callable[[Claim], dict[str, Any]] | None = None,
+        max_sessions: int = 8,
     ) -> None:
         self.engine = engine
         self.queue = queue
@@ -90,6 +108,7 @@ class JobRunner:
         self.draft_interval_s = draft_interval_s
         self.on_broken = on_broken
         self.agent_options = agent_options
+        self.sessions = _SessionCache(max_sessions)
         self.jobs_done = 0
         self.current: str | None = None
 
@@ -123,38 +142,44 @@ class JobRunner:
         self.current = claim.job_id
         log.info("job %s attempt %d started on %s", claim.job_id, claim.attempt, self.replica_id)
         try:
-            with _replica_span(claim):
-                return await self._run_job(claim)
+            with _replica_span(claim) as span:
+                ending = await self._run_job(claim)
+                _describe(span, ending)
         finally:
             self.current = None
             self.jobs_done += 1
+        if ending.state is not None:
+            _record_metrics(self.model, claim, ending)
+        return ending.state
 
-    async def _run_job(self, claim: Claim) -> JobState | None:
+    async def _run_job(self, claim: Claim) -> _Ending:
         cancel = threading.Event()
         lost = asyncio.Event()
         done = asyncio.Event()
         watcher = asyncio.create_task(self._watch(claim, cancel, lost, done))
         try:
-            state, result, error = await self._execute(claim, cancel, lost)
+            ending = await self._execute(claim, cancel, lost)
         finally:
             # Stopped by an event, not Task.cancel(): redis-py may turn a cancellation that lands
             # mid-command into a ConnectionError, which the watcher rides out as transient, and
             # the watcher would then heartbeat a finished job forever.
             done.set()
             await watcher
+        state, result, error = ending.state, ending.result, ending.error
+        if state is not JobState.SUCCEEDED and claim.spec.session_id:
+            # A generation that did not finish may have left its cache half-written: start over.
+            self.sessions.drop(claim.spec.session_id)
         if state is None or lost.is_set():
             log.warning("job %s attempt %d lost its lease; a newer attempt owns it", claim.job_id, claim.attempt)
-            return None
+            return _NOT_OURS
         if _fault(claim, "@fault:exit-before-ack"):
             await _retry(lambda: self.queue.write_final(claim, state, result=result, error=error))
             os._exit(71)
         written = await _retry(lambda: self.queue.finish(claim, state, result=result, error=error))
         log.info("job %s attempt %d ended %s", claim.job_id, claim.attempt, state if written else "(stale)")
-        return state if written else None
+        return ending if written else _NOT_OURS
 
-    async def _execute(
-        self, claim: Claim, cancel: threading.Event, lost: asyncio.Event
-    ) -> tuple[JobState | None, dict[str, Any] | None, dict[str, str] | None]:
+    async def _execute(self, claim: Claim, cancel: threading.Event, lost: asyncio.Event) -> _Ending:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -208,27 +233,25 @@ class JobRunner:
         await asyncio.to_thread(thread.join)
         return self._outcome(claim, outcome, lost)
 
-    def _outcome(
-        self, claim: Claim, outcome: Any, lost: asyncio.Event
-    ) -> tuple[JobState | None, dict[str, Any] | None, dict[str, str] | None]:
-        if isinstance(outcome, GenerationResult):
-            return JobState.SUCCEEDED, _completed(outcome, claim), None
+    def _outcome(self, claim: Claim, outcome: Any, lost: asyncio.Event) -> _Ending:
+        if isinstance(outcome, _Generation):
+            return _Ending(JobState.SUCCEEDED, outcome.completed(claim), None, outcome.result)
         if isinstance(outcome, dict):  # an agent job's completed payload
-            return JobState.SUCCEEDED, outcome, None
+            return _Ending(JobState.SUCCEEDED, outcome, None)
         if isinstance(outcome, GenerationCancelled) or _is_superseded(outcome):
             if lost.is_set() or _is_superseded(outcome):
-                return None, None, None
-            return JobState.CANCELLED, None, None
+                return _NOT_OURS
+            return _Ending(JobState.CANCELLED, None, None)
         if isinstance(outcome, InvalidRequest):
-            return JobState.FAILED, None, {"code": "INVALID_ARGUMENT", "message": str(outcome)}
+            return _Ending(JobState.FAILED, None, {"code": "INVALID_ARGUMENT", "message": str(outcome)})
         if isinstance(outcome, _Unimplemented):
-            return JobState.FAILED, None, {"code": "UNIMPLEMENTED", "message": str(outcome)}
+            return _Ending(JobState.FAILED, None, {"code": "UNIMPLEMENTED", "message": str(outcome)})
         if _is_broken(outcome):
             self.on_broken(outcome)
-            return None, None, None  # on_broken did not exit (tests): leave the job to its lease
+            return _NOT_OURS  # on_broken did not exit (tests): leave the job to its lease
         log.exception("job %s failed unexpectedly", claim.job_id, exc_info=outcome)
         message = f"{type(outcome).__name__}: {outcome}"
-        return JobState.FAILED, None, {"code": "INTERNAL", "message": message}
+        return _Ending(JobState.FAILED, None, {"code": "INTERNAL", "message": message})
 
     def _work(self, claim: Claim, cancel: threading.Event, post: Callable[[Any], None]) -> None:
         """The worker thread: runs the engine and posts its events, then the outcome, then _DONE."""
@@ -240,17 +263,37 @@ class JobRunner:
                 options = self.agent_options(claim) if self.agent_options else {}
                 post(_run_agent(self.engine, spec, cancel, post, options))
             else:
-                settings = DenoiseSettings.from_mapping(spec.settings)
-                if spec.messages:
-                    prompt: Any = self.engine.apply_chat_template(spec.messages, tools=spec.tools or None)
-                else:
-                    prompt = spec.prompt or ""
-                for event in self.engine.stream(prompt, settings, cancel=cancel):
-                    post(event.result if isinstance(event, EndEvent) else event)
+                post(self._generate(spec, cancel, post))
         except BaseException as exc:
             post(exc)
         finally:
             post(_DONE)
+
+    def _generate(self, spec: Any, cancel: threading.Event, post: Callable[[Any], None]) -> _Generation:
+        """One generation on the worker thread; with client tools, it ends at the first complete call."""
+        settings = DenoiseSettings.from_mapping(spec.settings)
+        if spec.messages:
+            prompt_ids = list(self.engine.apply_chat_template(spec.messages, tools=spec.tools or None))
+        else:
+            prompt_ids = list(self.engine.encode(spec.prompt or ""))
+        session = self.sessions.get(spec.session_id, self.engine.new_session) if spec.session_id else None
+        cached = list(session.token_ids) if session is not None else []
+        reused = len(cached) if cached and prompt_ids[: len(cached)] == cached else 0
+        watch = _CallWatch(started=time.perf_counter()) if spec.tools else None
+        events = self.engine.stream(prompt_ids, settings, cancel=cancel, session=session)
+        try:
+            for event in events:
+                if isinstance(event, EndEvent):
+                    return _Generation(event.result, tools=bool(spec.tools))
+                post(event)
+                if watch is not None and watch.add(event) and has_complete_call(self.engine.decode(watch.ids)):
+                    # The turn is over for the client's framework: it runs the tool and sends the result
+                    # in its next request, so any canvas after this one would be thrown away.
+                    result = watch.result(self.engine.decode(watch.ids), len(prompt_ids), len(prompt_ids) - reused)
+                    return _Generation(result, tools=True)
+        finally:
+            events.close()
+        raise AssertionError("the engine's stream ended without a result")  # pragma: no cover
 
     async def _watch(self, claim: Claim, cancel: threading.Event, lost: asyncio.Event, done: asyncio.Event) -> None:
         """Renews the lease and watches the cancel flag until `done` is set."""
@@ -283,6 +326,107 @@ class _Unimplemented(Exception):
     pass
 
 
+class _Ending(NamedTuple):
+    """How a job ended: the final state to write (None: not ours to write), its payload, and the
+    engine's result when it was a generation (for metrics)."""
+
+    state: JobState | None
+    result: dict[str, Any] | None
+    error: dict[str, str] | None
+    generation: GenerationResult | None = None
+
+
+_NOT_OURS = _Ending(None, None, None)
+
+
+class _SessionCache:
+    """Engine sessions by `session_id`, least recently used dropped beyond `size`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._sessions: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str, new: Callable[[], Any]) -> Any:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            session = new()
+        if self.size > 0:
+            self._sessions[key] = session
+            while len(self._sessions) > self.size:
+                dropped, _ = self._sessions.popitem(last=False)
+                log.debug("session %s dropped (least recently used of %d)", dropped, self.size)
+        return session
+
+    def drop(self, key: str) -> None:
+        self._sessions.pop(key, None)
+
+    def keys(self) -> list[str]:
+        """Session ids held, least recently used first."""
+        return list(self._sessions)
+
+
+@dataclass
+class _CallWatch:
+    """What a generation with client tools committed so far, to stop it at the first complete call."""
+
+    started: float
+    ids: list[int] = field(default_factory=list)
+    canvases: list[CanvasStats] = field(default_factory=list)
+    first_step_at: float | None = None
+    first_canvas_s: float = 0.0
+
+    def add(self, event: Any) -> bool:
+        """Takes one stream event; True when it committed a canvas."""
+        if isinstance(event, DraftEvent) and self.first_step_at is None:
+            self.first_step_at = time.perf_counter() - event.step_s
+        if not isinstance(event, CanvasEvent):
+            return False
+        self.ids += event.token_ids
+        self.canvases.append(event.stats)
+        if len(self.canvases) == 1:
+            self.first_canvas_s = time.perf_counter() - self.started
+        return True
+
+    def result(self, text: str, prompt_tokens: int, prefilled: int) -> GenerationResult:
+        """The result the engine would have returned had the call ended the turn.
+
+        The seed is not known mid-stream and is not part of the payload; prefill time is the wait
+        before the first denoising step.
+        """
+        prefill_s = (self.first_step_at - self.started) if self.first_step_at is not None else 0.0
+        denoise_s = sum(sum(c.step_s) for c in self.canvases)
+        timings = Timings(max(0.0, prefill_s), self.first_canvas_s, denoise_s, time.perf_counter() - self.started)
+        return GenerationResult(list(self.ids), text, "stop_token", prompt_tokens, prefilled, self.canvases, timings, 0)
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """A finished generation and how its end reads to the client."""
+
+    result: GenerationResult
+    tools: bool = False
+    """The job sent tool definitions: the payload carries `tool_calls`."""
+
+    def completed(self, claim: Claim) -> dict[str, Any]:
+        if not self.tools:
+            return _completed(self.result, claim)
+        text, calls, stop_reason = self.result.text, [], None
+        try:
+            text, call = parse_turn(self.result.text)
+            if call is not None:
+                calls.append({"name": call.name, "arguments": call.arguments})
+                stop_reason = "tool_call"
+        except MalformedToolCall as exc:
+            # The model's mistake, not the caller's: the client framework gets the raw text and the
+            # reason, and may retry or show it, as it would with any other model answer.
+            log.info("job %s: malformed tool call: %s", claim.job_id, exc)
+            stop_reason = "malformed_tool_call"
+        payload = _completed(self.result, claim, stop_reason=stop_reason)
+        payload["text"] = text
+        payload["tool_calls"] = calls
+        return payload
+
+
 def _run_agent(
     engine: Any, spec: Any, cancel: threading.Event, post: Callable[[Any], None], options: dict[str, Any]
 ) -> Any:
@@ -302,12 +446,12 @@ def _is_superseded(exc: Any) -> bool:
     return isinstance(exc, Superseded)
 
 
-def _completed(result: GenerationResult, claim: Claim) -> dict[str, Any]:
+def _completed(result: GenerationResult, claim: Claim, *, stop_reason: str | None = None) -> dict[str, Any]:
     t = result.timings
     return {
         "text": result.text,
         "token_ids": list(result.token_ids),
-        "stop_reason": result.stop_reason,
+        "stop_reason": stop_reason or result.stop_reason,
         "canvases": len(result.canvases),
         "usage": {
             "prompt_tokens": result.prompt_tokens,
@@ -348,15 +492,46 @@ async def _retry(write: Callable[[], Any]) -> Any:
             delay = min(delay * 2, 2.0)
 
 
+def _record_metrics(model: str, claim: Claim, ending: _Ending) -> None:
+    """Counts the final state and, for a generation, its speed; metrics never fail a job."""
+    try:
+        from blockpress.runtime.metrics import get_metrics
+    except ImportError:
+        return
+    assert ending.state is not None
+    try:
+        metrics = get_metrics()
+        metrics.job_finished(model, ending.state.value)
+        if ending.generation is not None:
+            queued_s = max(0.0, claim.claimed_at - claim.spec.submitted_at)
+            metrics.observe_generation(model, ending.generation, queued_s=queued_s)
+    except Exception:
+        log.exception("job %s: recording metrics failed", claim.job_id)
+
+
+def _describe(span: Any, ending: _Ending) -> None:
+    """The job's end on its `replica.run` span: final state, stop reason, token counts."""
+    if span is None or ending.state is None:  # not ours: the newer attempt's span tells the end
+        return
+    from blockpress.runtime.telemetry import Attr
+
+    span.set_attribute(Attr.JOB_STATE, ending.state.value)
+    if ending.result is not None:
+        usage = ending.result.get("usage") or {}
+        span.set_attribute(Attr.GEN_AI_INPUT_TOKENS, int(usage.get("prompt_tokens", 0)))
+        span.set_attribute(Attr.GEN_AI_OUTPUT_TOKENS, int(usage.get("completion_tokens", 0)))
+        span.set_attribute(Attr.STOP_REASON, str(ending.result.get("stop_reason", "")))
+
+
 @contextlib.contextmanager
 def _replica_span(claim: Claim) -> Any:
-    """`queue.wait` and `replica.run` spans when the telemetry module is there; nothing otherwise."""
+    """`queue.wait` and `replica.run` spans when the telemetry module is there; yields the run span or None."""
     try:
         from opentelemetry import trace
 
         from blockpress.runtime import telemetry
     except ImportError:
-        yield
+        yield None
         return
     spec = claim.spec
     telemetry.record_queue_wait(
@@ -379,5 +554,5 @@ def _replica_span(claim: Claim) -> Any:
         context=telemetry.extract_context(spec.trace_context),
         kind=trace.SpanKind.CONSUMER,
         attributes=attributes,
-    ):
-        yield
+    ) as span:
+        yield span

@@ -32,17 +32,31 @@ def test_every_package_folder_is_declared() -> None:
 @pytest.mark.slow
 def test_wheel_installs_the_blockpress_namespace(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("blockpress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "blockpress/workers/engine.py" in names
     assert "blockpress/workers/chat_template.jinja" in names
+    assert "blockpress/workers/checkpoints/tiny-calculator/model.safetensors" in names  # serve's default
     assert not any(n.startswith(("runtime/", "workers/", "agents/")) for n in names)  # no top-level `agents`
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+    )
     probe = (
         "import blockpress.runtime, blockpress.workers, blockpress.agents, blockpress.workers.settings as s; "
         "print(blockpress.workers.__file__); print(s.DenoiseSettings(seed=1).seed)"

@@ -329,6 +329,27 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RuntimeSettings(port=7000).port == 7000  # keyword arguments (flags) win
 
 
+def test_replica_and_metrics_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpress.runtime.embedded import replica_options
+
+    defaults = RuntimeSettings()
+    assert defaults.replica_max_sessions == 8
+    assert defaults.replica_metrics_port is None and defaults.gateway_metrics_port is None  # both off
+    assert defaults.trace_retention_s == 7 * 24 * 3600
+    monkeypatch.setenv("BLOCKPRESS_REPLICA_MAX_SESSIONS", "3")
+    monkeypatch.setenv("BLOCKPRESS_REPLICA_METRICS_PORT", "0")
+    monkeypatch.setenv("BLOCKPRESS_GATEWAY_METRICS_PORT", "9100")
+    monkeypatch.setenv("BLOCKPRESS_TRACE_RETENTION_S", "3600")
+    monkeypatch.setenv("BLOCKPRESS_AGENT_HTTP_ALLOWED_HOSTS", "example.org")
+    s = RuntimeSettings()
+    assert (s.replica_max_sessions, s.replica_metrics_port, s.gateway_metrics_port) == (3, 0, 9100)
+    assert s.trace_retention_s == 3600.0
+    # What `serve`, `replicas` and the embedded runtime hand every ReplicaPool.
+    options = replica_options(s)
+    assert options["max_sessions"] == 3 and options["metrics_port"] == 0
+    assert options["http_allowed_hosts"] == ("example.org",) and options["trace_retention_s"] == 3600.0
+
+
 def test_settings_reject_bad_values() -> None:
     from pydantic import ValidationError
 
@@ -347,6 +368,34 @@ def test_generated_grpc_code_is_current(tmp_path: pathlib.Path) -> None:
     for path in fresh:
         committed = root / "runtime" / "_pb" / path.name
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run `make proto`"
+
+
+# ---- client tool calls on the wire ------------------------------------------------------------------
+
+
+def test_client_tool_calls_survive_the_wire() -> None:
+    from blockpress.runtime.client import ToolCall, event_from_pb, outcome
+    from blockpress.runtime.gateway import event_to_pb
+    from blockpress.runtime.jobs import Event
+
+    completed = {
+        "text": "Let me check.",
+        "token_ids": [1, 2],
+        "stop_reason": "tool_call",
+        "usage": {"prompt_tokens": 40, "completion_tokens": 2, "prefilled_tokens": 40},
+        "canvases": 1,
+        "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}],
+    }
+    msg = event_to_pb("job-1", Event("1-0", "completed", completed, 1.0))
+    assert [(c.name, c.arguments_json) for c in msg.completed.tool_calls] == [
+        ("get_weather", '{"city": "Paris", "days": 3}')
+    ]
+    result = outcome("job-1", event_from_pb(msg))
+    assert result.stop_reason == "tool_call" and result.text == "Let me check."
+    assert result.tool_calls == (ToolCall("get_weather", {"city": "Paris", "days": 3}),)
+    # A generation without client tools has none.
+    plain = {k: v for k, v in completed.items() if k != "tool_calls"}
+    assert outcome("job-2", event_from_pb(event_to_pb("job-2", Event("1-0", "completed", plain, 1.0)))).tool_calls == ()
 
 
 # ---- spans at the edge ------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ def _calculate(expression: str) -> int | None:
     # Same grammar as the training data: digits and + - * only; anything else is a failed tool call.
     if not re.fullmatch(r"-?\d+([+\-*]-?\d+)*", expression):
         return None
-    return int(eval(expression, {"__builtins__": {}}, {}))
+    # A model may write "08"; a calculator reads it as 8 (Python's parser would refuse it).
+    normalised = re.sub(r"\b0+(\d)", r"\1", expression)
+    return int(eval(normalised, {"__builtins__": {}}, {}))
 
 
 @dataclass

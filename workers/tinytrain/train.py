@@ -31,7 +31,7 @@ __all__ = ["TrainSettings", "train"]
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
-    """What a training run does; the defaults are the shipped checkpoint's run."""
+    """What a training run does; the defaults are stage one of the shipped checkpoint (docs/tiny-checkpoint.md)."""
 
     seed: int = 0
     """Seeds data, initialisation, noise and the tokenizer's corpus: the same seed gives the same weights."""
@@ -46,7 +46,7 @@ class TrainSettings:
     self_condition_rate: float = 0.4
     """Fraction of examples that see the model's own previous prediction."""
     threads: int = 1
-    """torch CPU threads."""
+    """torch CPU threads. One, because on two cores shared with other jobs two threads ran up to ten times slower."""
     init_from: Path | None = None
     """Continue from this checkpoint's weights and tokenizer instead of a fresh initialisation."""
     save_every: int = 0
