@@ -5,7 +5,17 @@ The SDK is what most users import:
     from blockpress.runtime import Client, AsyncClient
 """
 
-from .client import AgentResult, AgentToolCall, AsyncClient, AsyncJobHandle, Client, JobHandle, Result, Usage
+from .client import (
+    AgentResult,
+    AgentToolCall,
+    AsyncClient,
+    AsyncJobHandle,
+    Client,
+    JobHandle,
+    Result,
+    ToolCall,
+    Usage,
+)
 from .errors import BlockPressError, JobError
 from .jobs import Event, JobState
 
@@ -21,5 +31,6 @@ __all__ = [
     "JobHandle",
     "JobState",
     "Result",
+    "ToolCall",
     "Usage",
 ]

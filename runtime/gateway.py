@@ -461,11 +461,14 @@ class Gateway:
         self._server = server
         self._monitor = asyncio.create_task(self._watch_health(), name="gateway-health")
         if self.settings.gateway_metrics_port is not None:
-            from .metrics import start_metrics_server
+            from .metrics import sample_queues, start_metrics_server
 
             self._metrics_server = start_metrics_server(self.settings.gateway_metrics_port, host=self.settings.host)
             self.metrics_port = int(self._metrics_server.server_port)
-            self._sampler = asyncio.create_task(self._sample_queues(), name="gateway-metrics")
+            sampler = sample_queues(
+                self.queue, list(self.cards), stop=self._sampler_stop, interval_s=_METRICS_INTERVAL_S
+            )
+            self._sampler = asyncio.create_task(sampler, name="gateway-metrics")
         log.info("gateway listening on %s:%d serving %s", self.settings.host, self.port, ", ".join(self.cards))
         return self.port
 
@@ -516,25 +519,6 @@ class Gateway:
         while not self.draining:
             await asyncio.sleep(self.settings.health_interval_s)
             await self._check_health()
-
-    async def _sample_queues(self) -> None:
-        """`metrics.sample_queues`' rounds, ended by an event rather than a cancel: a cancel that lands
-        inside a Redis call would leave the queue's shared connection in the middle of a reply."""
-        from .metrics import get_metrics
-
-        metrics = get_metrics()
-        while not self._sampler_stop.is_set():
-            for name in self.cards:
-                try:
-                    depth, age, live = await asyncio.gather(
-                        self.queue.depth(name), self.queue.oldest_age(name), self.queue.live_replicas(name)
-                    )
-                except (RedisError, OSError) as exc:  # the gauges keep their last values; health reports it
-                    log.debug("metrics: sampling %s failed: %s", name, exc)
-                    continue
-                metrics.observe_queue(name, depth=depth, oldest_age_s=age, replicas_live=live)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sampler_stop.wait(), _METRICS_INTERVAL_S)
 
     @classmethod
     def from_settings(cls, settings: RuntimeSettings, cards: Mapping[str, ModelCard]) -> Gateway:

@@ -16,6 +16,7 @@ job it finishes (`job_finished`, `observe_generation`). Each process serves its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -109,12 +110,21 @@ def start_metrics_server(port: int, *, host: str = "0.0.0.0", metrics: RuntimeMe
 
 
 async def sample_queues(
-    queue: JobQueue, models: Iterable[str], *, metrics: RuntimeMetrics | None = None, interval_s: float = 5.0
+    queue: JobQueue,
+    models: Iterable[str],
+    *,
+    stop: asyncio.Event,
+    metrics: RuntimeMetrics | None = None,
+    interval_s: float = 5.0,
 ) -> None:
-    """Refresh the queue gauges every `interval_s` until cancelled; a Redis error skips one round."""
+    """Refreshes the queue gauges every `interval_s` until `stop` is set; a Redis error skips one round.
+
+    Ended by an event rather than a cancel: a cancel that lands inside a Redis call can leave the
+    queue's shared connection in the middle of a reply.
+    """
     metrics = metrics or get_metrics()
     names = list(models)
-    while True:
+    while not stop.is_set():
         for model in names:
             try:
                 depth, age, live = await asyncio.gather(
@@ -124,4 +134,5 @@ async def sample_queues(
                 log.debug("metrics: sampling %s failed: %s", model, exc)
                 continue
             metrics.observe_queue(model, depth=depth, oldest_age_s=age, replicas_live=live)
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

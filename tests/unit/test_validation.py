@@ -350,6 +350,13 @@ def test_replica_and_metrics_settings_read_the_environment(monkeypatch: pytest.M
     assert options["http_allowed_hosts"] == ("example.org",) and options["trace_retention_s"] == 3600.0
 
 
+def test_replicas_offer_http_get_only_for_allowed_hosts() -> None:
+    from blockpress.workers.replica import _agent_options
+
+    assert "http_get" not in _agent_options(None)["registry"]
+    assert "http_get" in _agent_options(None, ("example.org",))["registry"]
+
+
 def test_settings_reject_bad_values() -> None:
     from pydantic import ValidationError
 
