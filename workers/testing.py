@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPECIAL_TOKENS", "build_tiny_checkpoint", "build_tokenizer", "tiny_config"]
+__all__ = ["SPECIAL_TOKENS", "build_tiny_checkpoint", "build_tokenizer", "tiny_config", "wrap_tokenizer"]
 
 # Order fixes the ids: pad 0, eos 1, bos 2 as in the DiffusionGemma config, then Gemma 4's chat tokens.
 SPECIAL_TOKENS = [
@@ -68,7 +68,6 @@ def tiny_config(
 def build_tokenizer(vocab_size: int) -> Any:
     """A byte-level tokenizer with the chat tokens and the chat template, exactly `vocab_size` ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     byte_chars = sorted(set(pre_tokenizers.ByteLevel.alphabet()))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -85,6 +84,13 @@ def build_tokenizer(vocab_size: int) -> Any:
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
+    return wrap_tokenizer(tok)
+
+
+def wrap_tokenizer(tok: Any) -> Any:
+    """A `tokenizers.Tokenizer` as a transformers tokenizer with the special tokens and the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",

@@ -9,29 +9,12 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import DiffusionGemmaConfig, GenerationConfig, PreTrainedTokenizerFast
 
+from ..testing import SPECIAL_TOKENS, wrap_tokenizer  # one list of special tokens, one tokenizer wrapper
 from .data import random_samples, random_system_prompt, random_tools, render_prefix
 
 __all__ = ["CHAT_TEMPLATE_PATH", "SPECIAL_TOKENS", "build_generation_config", "build_model_config", "build_tokenizer"]
 
 CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
-
-# Ids 0-2 match DiffusionGemma's config defaults (pad 0, eos 1, bos 2); the rest are Gemma 4's chat and
-# tool-call markers, which must be single tokens (docs/CONTRACTS.md).
-SPECIAL_TOKENS = [
-    "<pad>",
-    "<eos>",
-    "<bos>",
-    "<unk>",
-    "<|turn>",
-    "<turn|>",
-    "<|tool>",
-    "<tool|>",
-    "<|tool_call>",
-    "<tool_call|>",
-    "<|tool_response>",
-    "<tool_response|>",
-    '<|"|>',
-]
 
 _VOCAB_SIZE = 1024
 CANVAS_LENGTH = 32
@@ -41,20 +24,7 @@ def _bootstrap_tokenizer() -> PreTrainedTokenizerFast:
     """A tokenizer with only the special tokens, enough to render training text with the chat template."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.add_special_tokens(SPECIAL_TOKENS)
-    return _wrap(tok)
-
-
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
-    )
-    fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
-    return fast
+    return wrap_tokenizer(tok)
 
 
 def build_tokenizer(*, seed: int, corpus_conversations: int = 1000) -> PreTrainedTokenizerFast:
@@ -91,7 +61,7 @@ def build_tokenizer(*, seed: int, corpus_conversations: int = 1000) -> PreTraine
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
     )
-    return _wrap(tok)
+    return wrap_tokenizer(tok)
 
 
 def build_model_config(vocab_size: int) -> DiffusionGemmaConfig:
