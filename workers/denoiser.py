@@ -46,6 +46,17 @@ class StepOutput:
     done: bool
 
 
+@dataclass(slots=True)
+class _StepState:
+    """What one step hands to the next."""
+
+    output: StepOutput
+    canvas: torch.Tensor
+    sc_probs: torch.Tensor
+    sc_logits: torch.Tensor | None
+    history: torch.Tensor
+
+
 class Denoiser:
     """Runs the bidirectional decoder over one canvas at batch size 1, reading the encoder's KV cache."""
 
@@ -113,39 +124,57 @@ class Denoiser:
         sc_logits: torch.Tensor | None = None
         for step in range(plan.max_steps):
             check_cancel()
-            # transformers counts down from N to 1 and computes the temperature as a float32 tensor;
-            # doing the same keeps the scaled logits bit-identical.
-            remaining = torch.tensor(plan.max_steps - step, dtype=torch.int32)
-            temperature = plan.t_min + (plan.t_max - plan.t_min) * (remaining / plan.max_steps)
-            if self._reuse_probs or sc_logits is None:
-                logits = self.decoder_logits(canvas, sc_probs, cache, position_ids)
-            else:
-                logits = self.decoder_logits(canvas, sc_logits.softmax(-1, dtype=torch.float32), cache, position_ids)
-            scaled = logits.div_(temperature)[0]  # (L, V)
-            argmax = scaled.argmax(-1)
-            probs = torch.softmax(scaled, dim=-1)
-            sc_logits = None if self._reuse_probs else scaled.unsqueeze(0).to(self.decoder.embed_tokens.weight.dtype)
-            # Entropy from log-probabilities made in place, summed as a batched dot product: no extra
-            # (L, V) buffers; `scaled` is not needed after this.
-            log_probs = scaled.sub_(torch.logsumexp(scaled, dim=-1, keepdim=True))
-            entropy = -torch.bmm(probs.unsqueeze(1), log_probs.unsqueeze(2)).view(-1)  # (L,)
-            if pinned is not None:
-                entropy = entropy.masked_fill(pinned, 0.0)
-                argmax = torch.where(pinned, plan.pinned_ids, argmax)  # type: ignore[arg-type]
-            accept = _entropy_bound_accept(entropy, plan.entropy_bound)
-            if pinned is not None:
-                accept |= pinned
-            canvas = self._next_canvas(probs, accept, argmax, plan, generator)
-            mean_entropy = float(entropy.mean())
-            stable = bool((history == argmax).all()) if plan.stability_threshold else True
-            if plan.stability_threshold:
-                history = torch.roll(history, shifts=-1, dims=0)
-                history[-1] = argmax
-            done = stable and mean_entropy < plan.confidence_threshold
-            sc_probs = probs.unsqueeze(0)
-            yield StepOutput(step + 1, argmax, int(accept.sum()), mean_entropy, done)
-            if done:
+            with torch.inference_mode():  # per step, never across the yield (the mode is thread-local)
+                out = self._step(step, canvas, sc_probs, sc_logits, history, cache, plan, position_ids, generator)
+            canvas, sc_probs, sc_logits, history = out.canvas, out.sc_probs, out.sc_logits, out.history
+            yield out.output
+            if out.output.done:
                 return
+
+    def _step(
+        self,
+        step: int,
+        canvas: torch.Tensor,
+        sc_probs: torch.Tensor | None,
+        sc_logits: torch.Tensor | None,
+        history: torch.Tensor,
+        cache: Any,
+        plan: CanvasPlan,
+        position_ids: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> _StepState:
+        pinned = plan.pinned_mask
+        # transformers counts down from N to 1 and computes the temperature as a float32 tensor;
+        # doing the same keeps the scaled logits bit-identical.
+        remaining = torch.tensor(plan.max_steps - step, dtype=torch.int32)
+        temperature = plan.t_min + (plan.t_max - plan.t_min) * (remaining / plan.max_steps)
+        if self._reuse_probs or sc_logits is None:
+            logits = self.decoder_logits(canvas, sc_probs, cache, position_ids)
+        else:
+            logits = self.decoder_logits(canvas, sc_logits.softmax(-1, dtype=torch.float32), cache, position_ids)
+        scaled = logits.div_(temperature)[0]  # (L, V)
+        argmax = scaled.argmax(-1)
+        probs = torch.softmax(scaled, dim=-1)
+        next_sc_logits = None if self._reuse_probs else scaled.unsqueeze(0).to(self.decoder.embed_tokens.weight.dtype)
+        # Entropy from log-probabilities made in place, summed as a batched dot product: no extra
+        # (L, V) buffers; `scaled` is not needed after this.
+        log_probs = scaled.sub_(torch.logsumexp(scaled, dim=-1, keepdim=True))
+        entropy = -torch.bmm(probs.unsqueeze(1), log_probs.unsqueeze(2)).view(-1)  # (L,)
+        if pinned is not None:
+            entropy = entropy.masked_fill(pinned, 0.0)
+            argmax = torch.where(pinned, plan.pinned_ids, argmax)  # type: ignore[arg-type]
+        accept = _entropy_bound_accept(entropy, plan.entropy_bound)
+        if pinned is not None:
+            accept |= pinned
+        next_canvas = self._next_canvas(probs, accept, argmax, plan, generator)
+        mean_entropy = float(entropy.mean())
+        stable = bool((history == argmax).all()) if plan.stability_threshold else True
+        if plan.stability_threshold:
+            history = torch.roll(history, shifts=-1, dims=0)
+            history[-1] = argmax
+        done = stable and mean_entropy < plan.confidence_threshold
+        output = StepOutput(step + 1, argmax, int(accept.sum()), mean_entropy, done)
+        return _StepState(output, next_canvas, probs.unsqueeze(0), next_sc_logits, history)
 
     def _next_canvas(
         self,

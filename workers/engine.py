@@ -155,8 +155,9 @@ class DiffusionEngine:
         if template is not None and any(t is not None and not 0 <= t < self.vocab_size for t in template):
             raise InvalidRequest(f"template: token ids must be between 0 and {self.vocab_size - 1}")
         try:
-            with torch.inference_mode():
-                yield from self._run(prompt_ids, resolved, _cancel_check(cancel), session, template)
+            # No `inference_mode` around this `yield from`: the mode is thread-local and would stay on in the
+            # consumer's code between events. The compute inside is wrapped piece by piece instead.
+            yield from self._run(prompt_ids, resolved, _cancel_check(cancel), session, template)
         except (GenerationCancelled, InvalidRequest):
             raise
         except torch.OutOfMemoryError as exc:
@@ -183,7 +184,8 @@ class DiffusionEngine:
 
         check_cancel()
         prefill_started = time.perf_counter()
-        prefilled = session.prefill(prompt_ids)
+        with torch.inference_mode():
+            prefilled = session.prefill(prompt_ids)
         prefill_s = time.perf_counter() - prefill_started
 
         new_ids: list[int] = []
@@ -192,19 +194,19 @@ class DiffusionEngine:
         stop_reason: StopReason = "max_new_tokens"
         for index in range(math.ceil(s.max_new_tokens / self.canvas_length)):
             if index:
-                session.append(session.pending)  # commit the previous canvas into the cache
+                with torch.inference_mode():
+                    session.append(session.pending)  # commit the previous canvas into the cache
             plan = self._plan(s, session.length, len(new_ids), template)
             accepted: list[int] = []
             step_times: list[float] = []
             last = None
             tick = time.perf_counter()
             for out in self._denoiser.run(session.cache, plan, generator, check_cancel):
-                now = time.perf_counter()
-                step_times.append(now - tick)
-                tick = now
+                step_times.append(time.perf_counter() - tick)
                 accepted.append(out.accepted)
                 last = out
                 yield DraftEvent(index, out.step, out.argmax.tolist(), out.accepted, out.mean_entropy, step_times[-1])
+                tick = time.perf_counter()  # the consumer's time with the draft is not the step's
             assert last is not None
             denoise_s += sum(step_times)
             canvas_ids = last.argmax.tolist()

@@ -47,6 +47,14 @@ def test_stream_yields_drafts_then_canvases_then_the_end(engine: DiffusionEngine
     assert canvases[0].token_ids == drafts[steps - 1].token_ids[: len(canvases[0].token_ids)]
 
 
+def test_the_consumer_runs_outside_inference_mode_between_events(engine: DiffusionEngine) -> None:
+    """Inference mode is thread-local: it must not stay on in the caller's code while the stream waits."""
+    import torch
+
+    modes = [torch.is_inference_mode_enabled() for _ in engine.stream("mode", DenoiseSettings(seed=0))]
+    assert modes and not any(modes)
+
+
 def test_stop_token_ends_generation_and_is_not_returned(engine: DiffusionEngine) -> None:
     free = engine.generate("stop here", DenoiseSettings(seed=3, max_new_tokens=64, stop_token_ids=()))
     stop = free.token_ids[5]
