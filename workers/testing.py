@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPECIAL_TOKENS", "build_tiny_checkpoint", "build_tokenizer", "tiny_config", "wrap_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TINY_VISION_CONFIG",
+    "build_tiny_checkpoint",
+    "build_tokenizer",
+    "tiny_config",
+    "wrap_tokenizer",
+]
 
 # Order fixes the ids: pad 0, eos 1, bos 2 as in the DiffusionGemma config, then Gemma 4's chat tokens.
 SPECIAL_TOKENS = [
@@ -19,6 +26,18 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 
 _TEMPLATE = Path(__file__).with_name("chat_template.jinja")
+
+# The class always builds a Gemma 4 vision tower; at this size it is negligible (0.7M parameters) and
+# text-only checkpoints never run it.
+TINY_VISION_CONFIG = {
+    "model_type": "gemma4_vision",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 def tiny_config(
@@ -53,16 +72,9 @@ def tiny_config(
         "max_position_embeddings": context_length,
         "layer_types": layer_types,
     }
-    vision_config = {
-        "model_type": "gemma4_vision",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    }
-    return DiffusionGemmaConfig(text_config=text_config, vision_config=vision_config, canvas_length=canvas_length)
+    return DiffusionGemmaConfig(
+        text_config=text_config, vision_config=dict(TINY_VISION_CONFIG), canvas_length=canvas_length
+    )
 
 
 def build_tokenizer(vocab_size: int) -> Any:

@@ -9,7 +9,11 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import DiffusionGemmaConfig, GenerationConfig, PreTrainedTokenizerFast
 
-from ..testing import SPECIAL_TOKENS, wrap_tokenizer  # one list of special tokens, one tokenizer wrapper
+from ..testing import (  # one list of special tokens, one tokenizer wrapper
+    SPECIAL_TOKENS,
+    TINY_VISION_CONFIG,
+    wrap_tokenizer,
+)
 from .data import random_samples, random_system_prompt, random_tools, render_prefix
 
 __all__ = ["CHAT_TEMPLATE_PATH", "SPECIAL_TOKENS", "build_generation_config", "build_model_config", "build_tokenizer"]
@@ -85,15 +89,7 @@ def build_model_config(vocab_size: int) -> DiffusionGemmaConfig:
         "eos_token_id": 1,
         "bos_token_id": 2,
     }
-    vision_config = {
-        "model_type": "gemma4_vision",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    }
+    vision_config = dict(TINY_VISION_CONFIG)
     # Image token ids must lie inside the vocabulary; this checkpoint never sees images, so the otherwise
     # unused <unk> id stands in for all three.
     # The top-level special ids are not declared config fields (mypy), but generate() reads them there.
