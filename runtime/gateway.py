@@ -204,6 +204,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                     finally:
                         otel_context.detach(token)
                     yield item
+            except asyncio.CancelledError:  # the client went away
+                span.set_attribute(telemetry.Attr.RPC_GRPC_STATUS_CODE, grpc.StatusCode.CANCELLED.value[0])
+                raise
             finally:
                 await items.aclose()
                 span.end()
