@@ -14,6 +14,11 @@ from blockpress.workers.tinytrain import CALCULATOR_TOOL, held_out_problems, is_
 from blockpress.workers.tinytrain.data import conversation_steps, random_samples, sample_problem
 from blockpress.workers.tinytrain.evaluate import last_number, parse_call
 
+# On held_out_problems(40) with seed 0 the shipped checkpoint measured 52.5% exact answers and 100%
+# well-formed calls (bench/tiny_accuracy.py's evaluation); the floors leave room for other CPUs' rounding.
+ACCURACY_FLOOR = 0.40
+CALL_VALIDITY_FLOOR = 0.95
+
 CHAT_MARKERS = [
     "<|turn>",
     "<turn|>",
@@ -118,5 +123,47 @@ def test_training_turns_are_what_the_evaluator_accepts() -> None:
     assert all(s.target for s in random_samples(random.Random(0)))
 
 
+@pytest.mark.slow
+def test_accuracy_floor_on_held_out_problems_through_the_engine() -> None:
+    # The floor is the shipped checkpoint's own level on this sample, less a margin for other CPUs'
+    # float rounding: it catches a regression (engine, template, tokenizer or weights), it is not the
+    # issue's target (90% exact, 98% well-formed on 200 problems), which the checkpoint does not meet.
+    from blockpress.workers import DiffusionEngine
+    from blockpress.workers.tinytrain.evaluate import evaluate
+
+    engine = DiffusionEngine.from_pretrained(str(TINY_CALCULATOR), device="cpu")
+    report = evaluate(engine, held_out_problems(40), seed=0)
+    assert report.accuracy >= ACCURACY_FLOOR, report.summary()
+    assert report.call_validity >= CALL_VALIDITY_FLOOR, report.summary()
+    # The adaptive stop must fire on a trained model: canvases end well before the step limit.
+    assert report.mean_steps_per_canvas < 0.75 * report.max_steps, report.summary()
+
+
 def test_checkpoint_directory_is_inside_the_package() -> None:
     assert Path(TINY_CALCULATOR).parent.name == "checkpoints"
+
+
+def test_training_decoder_sees_what_the_engine_decoder_sees(tokenizer: Any) -> None:
+    # A padded training batch must give each row the logits that row's prompt alone gives at inference;
+    # with a sliding window shorter than the padded batch it did not (evicted prompt tokens).
+    import torch
+
+    from blockpress.workers.tinytrain.build import build_model_config
+    from blockpress.workers.tinytrain.train import _batch, _encode
+
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(build_model_config(len(tokenizer))).eval()
+    canvas = model.config.canvas_length
+    b = _batch(tokenizer, random.Random(3), 6, canvas)
+    lengths = b.mask.sum(dim=1)
+    assert int(lengths.min()) < int(lengths.max())  # some rows are padded
+    with torch.no_grad():
+        batched = model(**_encode(model, b), decoder_input_ids=b.targets).logits
+        for i in range(len(b.targets)):
+            prompt = torch.cat([b.shared[0], b.ids[i][b.mask[i].bool()]]).unsqueeze(0)
+            cache = model.model.encoder(input_ids=prompt).past_key_values
+            positions = (prompt.shape[1] + torch.arange(canvas)).unsqueeze(0)
+            alone = model(
+                past_key_values=cache, decoder_input_ids=b.targets[i : i + 1], decoder_position_ids=positions
+            ).logits
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)

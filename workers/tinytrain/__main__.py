@@ -17,6 +17,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
     parser.add_argument("--threads", type=int, default=TrainSettings.threads)
     parser.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint")
+    parser.add_argument("--hidden-size", type=int, default=TrainSettings.hidden_size)
+    parser.add_argument("--layers", type=int, default=TrainSettings.layers)
+    parser.add_argument("--digit-confusion", type=float, default=TrainSettings.digit_confusion)
     parser.add_argument("--save-every", type=int, default=0, help="also save into OUT/partial every N steps")
     args = parser.parse_args()
     settings = TrainSettings(
@@ -27,6 +30,9 @@ def main() -> None:
         threads=args.threads,
         save_every=args.save_every,
         init_from=args.init_from,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        digit_confusion=args.digit_confusion,
     )
     log = train(args.out, settings)
     print(f"trained in {log['wall_s']} s, final loss {log['final_loss_mean_50']:.4f}; wrote {args.out}")

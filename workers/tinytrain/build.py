@@ -22,6 +22,10 @@ CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jin
 
 _VOCAB_SIZE = 1024
 CANVAS_LENGTH = 32
+# Longer than any training prompt plus its padding. A sliding layer's cache keeps only the last
+# `sliding_window` slots, padding included, so with a window shorter than a padded batch the decoder in
+# training would see fewer prompt tokens than the engine does at inference (it did, at 128).
+SLIDING_WINDOW = 512
 
 
 def _bootstrap_tokenizer() -> PreTrainedTokenizerFast:
@@ -68,22 +72,25 @@ def build_tokenizer(*, seed: int, corpus_conversations: int = 1000) -> PreTraine
     return wrap_tokenizer(tok)
 
 
-def build_model_config(vocab_size: int) -> DiffusionGemmaConfig:
-    """A few-layer DiffusionGemma with the real model's shape rules (MoE, sliding + full attention)."""
+def build_model_config(vocab_size: int, *, hidden_size: int = 96, layers: int = 3) -> DiffusionGemmaConfig:
+    """A few-layer DiffusionGemma with the real model's shape rules (MoE, sliding + full attention).
+
+    Four attention heads whatever the width; the last layer attends globally, the others in a window.
+    """
     text_config: dict[str, Any] = {
         "vocab_size": vocab_size,
-        "hidden_size": 96,
-        "intermediate_size": 192,
-        "num_hidden_layers": 3,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 24,
-        "global_head_dim": 24,
+        "head_dim": hidden_size // 4,
+        "global_head_dim": hidden_size // 4,
         "num_experts": 4,
         "top_k_experts": 2,
-        "moe_intermediate_size": 96,
-        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
-        "sliding_window": 128,
+        "moe_intermediate_size": hidden_size,
+        "layer_types": ["sliding_attention"] * (layers - 1) + ["full_attention"],
+        "sliding_window": SLIDING_WINDOW,
         "max_position_embeddings": 4096,
         "pad_token_id": 0,
         "eos_token_id": 1,

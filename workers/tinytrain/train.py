@@ -2,10 +2,11 @@
 
 Each example is one canvas of one model turn. The prompt and the turn's earlier canvases go through the
 causal encoder (as the engine prefills them); the canvas has a random fraction of its tokens replaced by
-uniformly random tokens (as the engine's first step and its renoising do); half the examples also see
-the model's own previous prediction as self-conditioning, as every step after the engine's first does.
-The loss is cross-entropy over the whole canvas, including the <pad> tokens after <turn|>, so that a
-trained model fills the rest of its last canvas with padding and stops there.
+uniformly random tokens (as the engine's first step and its renoising do), except that half of the
+replaced digits get another digit, so that a digit in the canvas is not evidence of itself; 40% of the
+batches also see the model's own previous prediction as self-conditioning, as every step after the
+engine's first does. The loss is cross-entropy over the whole canvas, including the <pad> tokens after
+<turn|>, so that a trained model fills the rest of its last canvas with padding and stops there.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class TrainSettings:
 
     seed: int = 0
     """Seeds data, initialisation, noise and the tokenizer's corpus: the same seed gives the same weights."""
-    steps: int = 900
+    steps: int = 4200
     """Optimizer steps."""
-    batch_size: int = 24
+    batch_size: int = 16
     """Canvases per step."""
     lr: float = 4e-3
     """Peak learning rate (linear warm-up, cosine decay)."""
@@ -46,11 +47,21 @@ class TrainSettings:
     self_condition_rate: float = 0.4
     """Fraction of examples that see the model's own previous prediction."""
     threads: int = 1
-    """torch CPU threads. One, because on two cores shared with other jobs two threads ran up to ten times slower."""
+    """torch CPU threads. Two are about 1.4x faster than one on an idle 2-core machine; on cores shared with
+    other jobs two threads ran up to ten times slower than one."""
     init_from: Path | None = None
     """Continue from this checkpoint's weights and tokenizer instead of a fresh initialisation."""
     save_every: int = 0
     """Also save the checkpoint every this many steps (0: only at the end), to try a run while it trains."""
+    hidden_size: int = 96
+    """Model width (a fresh initialisation only)."""
+    layers: int = 3
+    """Decoder layers (a fresh initialisation only)."""
+    digit_confusion: float = 0.5
+    """Of the noised positions whose target is a digit, the fraction that gets another digit instead of a
+    uniformly random token. Without it a digit in the canvas is almost always right, and a model learns
+    to keep digits it sees instead of checking them against the prompt; at inference the digits it sees
+    are its own samples."""
 
 
 @dataclass
@@ -93,23 +104,34 @@ def _batch(tokenizer: PreTrainedTokenizerFast, rng: random.Random, size: int, ca
     return _Batch(torch.tensor([shared]), ids, mask, torch.tensor(targets))
 
 
-def _loss(
-    model: DiffusionGemmaForBlockDiffusion,
-    b: _Batch,
-    gen: torch.Generator,
-    self_condition_rate: float,
-) -> torch.Tensor:
+def _noise(b: _Batch, vocab: int, digits: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """The noised canvases: each position replaced, at its canvas's rate, by a random token (or digit)."""
     batch, canvas = b.targets.shape
-    vocab = model.config.get_text_config().vocab_size
-    encoder = model.model.encoder
     rate = torch.rand((batch, 1), generator=gen)
+    noised = torch.rand((batch, canvas), generator=gen) < rate
     noise = torch.randint(0, vocab, (batch, canvas), generator=gen)
-    noised = torch.where(torch.rand((batch, canvas), generator=gen) < rate, noise, b.targets)
+    other_digit = digits[torch.randint(0, len(digits), (batch, canvas), generator=gen)]
+    confuse = torch.isin(b.targets, digits) & (torch.rand((batch, canvas), generator=gen) < settings.digit_confusion)
+    noise = torch.where(confuse, other_digit, noise)
+    return torch.where(noised, noise, b.targets)
 
+
+def _encode(model: DiffusionGemmaForBlockDiffusion, b: _Batch) -> dict[str, Any]:
+    """Encodes every prompt of the batch; returns the decoder's inputs but the canvas itself.
+
+    For each row the decoder then sees what the engine's decoder sees for that prompt alone
+    (tests/unit/test_tiny_checkpoint.py checks the logits match).
+    """
+    batch, canvas = b.targets.shape
+    encoder = model.model.encoder
     # The system turn (tool declarations) is the same for the whole batch and is most of every prompt:
     # encoding it once, without gradient, and sharing its KV cuts a step's cost by about three. The
     # values are exactly what inference sees; only the gradient into how that turn is encoded is lost.
     shared_len = b.shared.shape[1]
+    window = model.config.get_text_config().sliding_window
+    if window is not None and shared_len + b.ids.shape[1] > window:
+        # Past the window the sliding layers would drop real prompt tokens that inference keeps.
+        raise ValueError(f"a padded batch of {shared_len + b.ids.shape[1]} tokens exceeds the {window}-token window")
     with torch.no_grad():
         cache = encoder(input_ids=b.shared).past_key_values
     cache.batch_repeat_interleave(batch)
@@ -121,16 +143,26 @@ def _loss(
     cache = encoder(
         input_ids=b.ids, attention_mask=enc_mask, position_ids=positions, past_key_values=cache
     ).past_key_values
-    decoder_mask = torch.cat([enc_mask, torch.ones((batch, canvas), dtype=b.mask.dtype)], dim=1)
-    decoder_positions = enc_mask.sum(dim=1, keepdim=True) + torch.arange(canvas).unsqueeze(0)
-    common: dict[str, Any] = {
+    return {
         "past_key_values": cache,
-        "decoder_input_ids": noised,
-        "decoder_attention_mask": decoder_mask,
-        "decoder_position_ids": decoder_positions,
+        "decoder_attention_mask": torch.cat([enc_mask, torch.ones((batch, canvas), dtype=b.mask.dtype)], dim=1),
+        "decoder_position_ids": enc_mask.sum(dim=1, keepdim=True) + torch.arange(canvas).unsqueeze(0),
     }
+
+
+def _loss(
+    model: DiffusionGemmaForBlockDiffusion,
+    b: _Batch,
+    gen: torch.Generator,
+    settings: TrainSettings,
+    digits: torch.Tensor,
+) -> torch.Tensor:
+    batch, _ = b.targets.shape
+    vocab = model.config.get_text_config().vocab_size
+    noised = _noise(b, vocab, digits, settings, gen)
+    common = {**_encode(model, b), "decoder_input_ids": noised}
     # Self-conditioning is decided per batch so that batches without it skip the extra pass.
-    if torch.rand((), generator=gen) < self_condition_rate:
+    if torch.rand((), generator=gen) < settings.self_condition_rate:
         with torch.no_grad():
             # The engine feeds back temperature-scaled logits (t between t_min and t_max).
             temperature = 0.4 + 0.4 * torch.rand((batch, 1, 1), generator=gen)
@@ -184,12 +216,13 @@ def train(out: Path, settings: TrainSettings = TrainSettings()) -> dict[str, Any
         config = model.config
     else:
         tokenizer = build_tokenizer(seed=settings.seed)
-        config = build_model_config(len(tokenizer))
+        config = build_model_config(len(tokenizer), hidden_size=settings.hidden_size, layers=settings.layers)
         model = DiffusionGemmaForBlockDiffusion(config)
     model.generation_config = build_generation_config(tokenizer)
     model.train()
     assert config.canvas_length is not None
     canvas = config.canvas_length
+    digits = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))  # one token per digit
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -211,7 +244,7 @@ def train(out: Path, settings: TrainSettings = TrainSettings()) -> dict[str, Any
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = _loss(model, _batch(tokenizer, rng, settings.batch_size, canvas), gen, settings.self_condition_rate)
+        loss = _loss(model, _batch(tokenizer, rng, settings.batch_size, canvas), gen, settings, digits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
