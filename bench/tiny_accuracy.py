@@ -4,7 +4,8 @@
 
 Each held-out problem (operand combinations training never generated) is played out as an agent
 would: the engine's tool calls are parsed and evaluated, the results fed back, until a turn answers.
-Prints exact-answer accuracy, tool-call validity, mean denoising steps per canvas and tokens per forward.
+Prints exact-answer accuracy, tool-call validity, mean denoising steps per canvas and tokens per forward,
+then each kind of turn's accuracy when the turns before it are right (which turn makes the errors).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from blockpress.workers import DiffusionEngine
 from blockpress.workers.checkpoints import TINY_CALCULATOR
 from blockpress.workers.tinytrain import held_out_problems
-from blockpress.workers.tinytrain.evaluate import evaluate
+from blockpress.workers.tinytrain.evaluate import evaluate, turn_accuracy
 
 
 def main() -> None:
@@ -40,6 +41,8 @@ def main() -> None:
         f"/{len(report.outcomes) - len(two_step)}, two-step exact {sum(o.correct for o in two_step)}/{len(two_step)};"
         f" {wall:.1f} s wall"
     )
+    turns = turn_accuracy(engine, problems, seed=args.seed)
+    print("each turn given a correct conversation so far: " + ", ".join(f"{k} {r}/{n}" for k, (r, n) in turns.items()))
     failures = [o for o in report.outcomes if not o.correct][: args.show_failures]
     for o in failures:
         print(f"  FAIL {o.problem.question!r} (answer {o.problem.answer}): {o.turns}")

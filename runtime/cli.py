@@ -282,15 +282,27 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_generation(address: str, args: argparse.Namespace) -> bool:
-    print(f"\n=== generation ===\nprompt: {args.prompt!r}\n--- streamed canvases ---", flush=True)
+    """One plain generation job: the prompt as a user message with the calculator declared, so the shipped
+    checkpoint (trained only on such chat turns) answers with its tool call rather than noise."""
+    from blockpress.agents.builtins import calculator_tool
+
+    print(
+        f"\n=== generation ===\nprompt: {args.prompt!r} (a user message; tools: calculator)\n--- streamed canvases ---",
+        flush=True,
+    )
+    messages = [{"role": "user", "content": args.prompt}]
+    tools = [calculator_tool().declaration()]
     with Client(address, timeout=300) as client:
-        final = _print_events(client.stream(args.prompt, max_new_tokens=args.max_new_tokens, seed=0), drafts=False)
+        events = client.stream(messages, tools=tools, max_new_tokens=args.max_new_tokens, seed=0)
+        final = _print_events(events, drafts=False)
     print("--- result ---")
     if final is None or final.type != "completed":
         print(f"the job ended {final.type if final else 'without a final event'}: {final.data if final else ''}")
         return False
     d = final.data
     print(f"text: {d['text']!r}")
+    for call in d.get("tool_calls") or ():
+        print(f"tool call: {call['name']}({json.dumps(json.loads(call.get('arguments_json') or '{}'))})")
     print(f"stop: {d['stop_reason']}, canvases: {d['canvases']}, usage: {d['usage']}")
     print("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in d["timings"].items()))
     return True

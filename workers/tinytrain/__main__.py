@@ -14,11 +14,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--noisings", type=int, default=TrainSettings.noisings)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
     parser.add_argument("--threads", type=int, default=TrainSettings.threads)
     parser.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint")
     parser.add_argument("--hidden-size", type=int, default=TrainSettings.hidden_size)
     parser.add_argument("--layers", type=int, default=TrainSettings.layers)
+    parser.add_argument("--two-step-rate", type=float, default=TrainSettings.two_step_rate)
     parser.add_argument("--digit-confusion", type=float, default=TrainSettings.digit_confusion)
     parser.add_argument("--save-every", type=int, default=0, help="also save into OUT/partial every N steps")
     args = parser.parse_args()
@@ -26,6 +28,7 @@ def main() -> None:
         seed=args.seed,
         steps=args.steps,
         batch_size=args.batch_size,
+        noisings=args.noisings,
         lr=args.lr,
         threads=args.threads,
         save_every=args.save_every,
@@ -33,6 +36,7 @@ def main() -> None:
         hidden_size=args.hidden_size,
         layers=args.layers,
         digit_confusion=args.digit_confusion,
+        two_step_rate=args.two_step_rate,
     )
     log = train(args.out, settings)
     print(f"trained in {log['wall_s']} s, final loss {log['final_loss_mean_50']:.4f}; wrote {args.out}")

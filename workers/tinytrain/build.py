@@ -121,13 +121,16 @@ def build_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationCon
     )
 
     turn_end = tokenizer.convert_tokens_to_ids("<turn|>")
+    # A low entropy bound and three stable steps before a canvas may stop: on 200 held-out problems they
+    # took the trained checkpoint from 97.8% to 100% well-formed calls and 76% to 78% exact answers, at
+    # 4.3 instead of 2.2 steps per canvas (bound 0.5, stability 1), still a quarter of the limit.
     return DiffusionGemmaGenerationConfig(
         max_new_tokens=128,
         max_denoising_steps=16,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.5),
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
         t_min=0.4,
         t_max=0.8,
-        stability_threshold=1,
+        stability_threshold=3,
         confidence_threshold=0.05,
         bos_token_id=2,
         pad_token_id=0,

@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "CALCULATOR_TOOL",
     "TOOL_SETS",
+    "TWO_STEP_RATE",
     "Problem",
     "Sample",
     "answer_text",
@@ -87,6 +88,8 @@ TOOL_SETS: tuple[list[dict[str, Any]], ...] = (
     [_AGENT_CALCULATOR_TOOL, _AGENT_PYTHON_TOOL],
 )
 
+# The share of two-step problems in the held-out sets (training may ask for more).
+TWO_STEP_RATE = 0.4
 # One in five operand combinations is held out; the ratio only sets how much of the space tests see.
 _HELD_OUT_MODULUS = 5
 
@@ -171,9 +174,9 @@ def _expression(rng: random.Random) -> str:
     return "".join(str(next(values)) if ch in "abc" else ch for ch in shape)
 
 
-def _make_problem(rng: random.Random) -> Problem:
+def _make_problem(rng: random.Random, two_step_rate: float) -> Problem:
     expression = _expression(rng)
-    if rng.random() < 0.4:
+    if rng.random() < two_step_rate:
         op = rng.choice(("+", "-", "*"))
         operand = rng.randint(2, 99) if op != "*" else rng.randint(2, 12)
         phrase = rng.choice(_FOLLOW_UPS[op]).format(c=operand)
@@ -183,10 +186,10 @@ def _make_problem(rng: random.Random) -> Problem:
     return Problem(expression, rng.choice(_QUESTIONS).format(e=expression))
 
 
-def sample_problem(rng: random.Random, *, held_out: bool = False) -> Problem:
+def sample_problem(rng: random.Random, *, held_out: bool = False, two_step_rate: float = TWO_STEP_RATE) -> Problem:
     """A random problem from the training side of the split, or from the held-out side."""
     while True:
-        problem = _make_problem(rng)
+        problem = _make_problem(rng, two_step_rate)
         if is_held_out(problem) == held_out:
             return problem
 
@@ -209,14 +212,11 @@ def tool_result_message(result: int) -> dict[str, Any]:
 
 
 def answer_text(problem: Problem) -> str:
-    """The model's final sentence for `problem`."""
-    if problem.second_expression is None:
-        return f"{problem.expression} is {problem.first_result}."
-    # Long enough to span two 32-token canvases, so the model learns to continue a canvas.
-    return (
-        f"{problem.expression} is {problem.first_result}, and {problem.second_expression} is {problem.answer},"
-        f" so the answer is {problem.answer}."
-    )
+    """The model's final sentence for `problem`: the last calculation and its result."""
+    # Only what the last tool call and its result hold: a two-step answer that also restated the first
+    # step (two canvases of copying from far back) was right 12 times in 37 when its calls were.
+    expression = problem.second_expression or problem.expression
+    return f"{expression} is {problem.answer}."
 
 
 def conversation_steps(problem: Problem, system: str | None = None) -> list[Sample]:
@@ -251,9 +251,11 @@ def random_tools(rng: random.Random) -> list[dict[str, Any]]:
     return rng.choice(TOOL_SETS)
 
 
-def random_samples(rng: random.Random, system: str | None = None) -> list[Sample]:
+def random_samples(
+    rng: random.Random, system: str | None = None, *, two_step_rate: float = TWO_STEP_RATE
+) -> list[Sample]:
     """All model turns of one random training conversation."""
-    return conversation_steps(sample_problem(rng), system)
+    return conversation_steps(sample_problem(rng, two_step_rate=two_step_rate), system)
 
 
 def _call_text(expression: str) -> str:

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import CALCULATOR_TOOL, Problem, tool_call_message, tool_result_message
+from .data import CALCULATOR_TOOL, Problem, conversation_steps, tool_call_message, tool_result_message
 
-__all__ = ["Outcome", "Report", "evaluate", "last_number", "parse_call", "solve"]
+__all__ = ["Outcome", "Report", "evaluate", "last_number", "parse_call", "solve", "turn_accuracy"]
 
 _CALL = re.compile(r'<\|tool_call>call:calculator\{expression:<\|"\|>([0-9+\-*]+)<\|"\|>\}<tool_call\|>')
 _NUMBER = re.compile(r"-?\d+")
@@ -137,3 +137,26 @@ def evaluate(engine: Any, problems: list[Problem], *, seed: int = 0) -> Report:
     """Solves every problem (each with its own seeds) and aggregates the figures."""
     outcomes = [solve(engine, p, seed=seed + 1000 * i) for i, p in enumerate(problems)]
     return Report(outcomes, engine.resolve(None).max_denoising_steps)
+
+
+def turn_accuracy(engine: Any, problems: list[Problem], *, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """Right turns per kind of turn, each given a correct conversation so far: (right, asked) for
+    "first call", "second call" (two-step problems) and "answer".
+
+    Played-out accuracy multiplies the turns' errors; this says which turn makes them.
+    """
+    from blockpress.workers import DenoiseSettings
+
+    counts: dict[str, list[int]] = {"first call": [0, 0], "second call": [0, 0], "answer": [0, 0]}
+    for i, problem in enumerate(problems):
+        *calls, answer = conversation_steps(problem)
+        for j, sample in enumerate([*calls, answer]):
+            prompt = engine.apply_chat_template(sample.messages, tools=[CALCULATOR_TOOL])
+            text = engine.generate(prompt, DenoiseSettings(seed=seed + 1000 * i + j)).text
+            if sample is answer:
+                kind, right = "answer", last_number(text) == problem.answer
+            else:
+                kind, right = ("first call", "second call")[j], parse_call(text) == parse_call(sample.target)
+            counts[kind][0] += right
+            counts[kind][1] += 1
+    return {kind: (right, asked) for kind, (right, asked) in counts.items()}

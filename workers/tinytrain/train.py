@@ -1,10 +1,11 @@
 """The training loop: block-diffusion denoising of synthetic calculator conversations on CPU.
 
-Each example is one canvas of one model turn. The prompt and the turn's earlier canvases go through the
-causal encoder (as the engine prefills them); the canvas has a random fraction of its tokens replaced by
-uniformly random tokens (as the engine's first step and its renoising do), except that half of the
+A step encodes a few whole conversations once with the causal encoder and denoises every canvas of
+every model turn in them against the part of its conversation before that turn, as the engine
+prefills a turn's prompt and earlier canvases. Each canvas has a random fraction of its tokens replaced
+by uniformly random tokens (as the engine's first step and its renoising do), except that half of the
 replaced digits get another digit, so that a digit in the canvas is not evidence of itself; 40% of the
-batches also see the model's own previous prediction as self-conditioning, as every step after the
+steps also feed the model its own previous prediction as self-conditioning, as every step after the
 engine's first does. The loss is cross-entropy over the whole canvas, including the <pad> tokens after
 <turn|>, so that a trained model fills the rest of its last canvas with padding and stops there.
 """
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
 
 from .build import build_generation_config, build_model_config, build_tokenizer
-from .data import random_samples, random_system_prompt, random_tools, render_prefix
+from .data import TWO_STEP_RATE, random_samples, random_system_prompt, random_tools, render_prefix
 
 __all__ = ["TrainSettings", "train"]
 
@@ -36,10 +37,12 @@ class TrainSettings:
 
     seed: int = 0
     """Seeds data, initialisation, noise and the tokenizer's corpus: the same seed gives the same weights."""
-    steps: int = 4200
+    steps: int = 4500
     """Optimizer steps."""
-    batch_size: int = 16
-    """Canvases per step."""
+    batch_size: int = 8
+    """Conversations per step; each gives every canvas of its two or three model turns."""
+    noisings: int = 2
+    """Noised copies of each canvas per step: the decoder passes are cheap beside the encoder's."""
     lr: float = 4e-3
     """Peak learning rate (linear warm-up, cosine decay)."""
     warmup: int = 50
@@ -57,6 +60,9 @@ class TrainSettings:
     """Model width (a fresh initialisation only)."""
     layers: int = 3
     """Decoder layers (a fresh initialisation only)."""
+    two_step_rate: float = TWO_STEP_RATE
+    """Share of two-step conversations, as in the held-out sets. More of them (0.7) gave a worse second
+    call for the same time: fewer steps fit, and the step count is what that turn needed."""
     digit_confusion: float = 0.5
     """Of the noised positions whose target is a digit, the fraction that gets another digit instead of a
     uniformly random token. Without it a digit in the canvas is almost always right, and a model learns
@@ -66,14 +72,36 @@ class TrainSettings:
 
 @dataclass
 class _Batch:
-    shared: torch.Tensor  # (1, P): the system turn every example of the batch starts with
-    ids: torch.Tensor  # (B, L): the rest of each prompt (and earlier canvases), right-padded
+    shared: torch.Tensor  # (1, P): the system turn every conversation of the batch starts with
+    ids: torch.Tensor  # (B, L): the rest of each whole conversation, right-padded
     mask: torch.Tensor  # (B, L): 1 on real tokens of `ids`
-    targets: torch.Tensor  # (B, C): the canvas each example must denoise
+    rows: torch.Tensor  # (N,): the conversation each canvas belongs to
+    starts: torch.Tensor  # (N,): how many of its row's tokens come before the canvas (its prompt in `ids`)
+    targets: torch.Tensor  # (N, C): the canvases to denoise
+
+    def repeat(self, times: int) -> _Batch:
+        """Every canvas `times` times (each copy is noised on its own); the conversations are not repeated."""
+        return _Batch(
+            self.shared,
+            self.ids,
+            self.mask,
+            self.rows.repeat(times),
+            self.starts.repeat(times),
+            self.targets.repeat(times, 1),
+        )
 
 
-def _batch(tokenizer: PreTrainedTokenizerFast, rng: random.Random, size: int, canvas: int) -> _Batch:
-    """`size` random canvases of random model turns, all under one random system prompt and tool list."""
+def _batch(
+    tokenizer: PreTrainedTokenizerFast, rng: random.Random, size: int, canvas: int, two_step_rate: float = TWO_STEP_RATE
+) -> _Batch:
+    """`size` random conversations under one random system prompt and tool list, with every canvas of
+    every model turn in them.
+
+    A causal encoder's state at a position depends only on the tokens before it, so one encoder pass
+    over a whole conversation serves as the prompt of each of its model turns: the decoder of a turn's
+    canvas masks the slots from that turn on. That is two or three canvases per encoded conversation
+    where one canvas per prompt cost an encoder pass each.
+    """
     system = random_system_prompt(rng)
     tools = random_tools(rng)
     head = [] if system is None else [{"role": "system", "content": system}]
@@ -82,26 +110,39 @@ def _batch(tokenizer: PreTrainedTokenizerFast, rng: random.Random, size: int, ca
     shared_text = probe[: probe.index("<|turn>user")]
     shared = tokenizer(shared_text, add_special_tokens=False)["input_ids"]
     rests: list[list[int]] = []
+    rows: list[int] = []
+    starts: list[int] = []
     targets: list[list[int]] = []
-    for _ in range(size):
-        sample = rng.choice(random_samples(rng, system))
-        prompt = tokenizer(render_prefix(tokenizer, sample.messages, tools), add_special_tokens=False)
-        prompt_ids = list(prompt["input_ids"])
-        if prompt_ids[: len(shared)] != shared:
-            raise AssertionError("the system turn did not tokenize the same inside the full prompt")
-        turn = tokenizer(sample.target + "<turn|>", add_special_tokens=False)["input_ids"]
-        n_canvases = math.ceil(len(turn) / canvas)
-        turn = turn + [tokenizer.pad_token_id] * (n_canvases * canvas - len(turn))
-        k = rng.randrange(n_canvases)
-        rests.append(prompt_ids[len(shared) :] + turn[: k * canvas])
-        targets.append(turn[k * canvas : (k + 1) * canvas])
+    for row in range(size):
+        samples = random_samples(rng, system, two_step_rate=two_step_rate)
+        last = samples[-1]
+        whole = render_prefix(tokenizer, last.messages, tools) + last.target + "<turn|>"
+        ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+        if ids[: len(shared)] != shared:
+            raise AssertionError("the system turn did not tokenize the same inside the full conversation")
+        for sample in samples:
+            prompt = tokenizer(render_prefix(tokenizer, sample.messages, tools), add_special_tokens=False)
+            begin = len(prompt["input_ids"])
+            turn = tokenizer(sample.target + "<turn|>", add_special_tokens=False)["input_ids"]
+            if ids[:begin] != prompt["input_ids"] or ids[begin : begin + len(turn)] != turn:
+                # Then a turn's prompt inside the conversation would not be the prompt inference builds.
+                raise AssertionError("a model turn did not tokenize the same inside the full conversation")
+            n_canvases = math.ceil(len(turn) / canvas)
+            turn = turn + [tokenizer.pad_token_id] * (n_canvases * canvas - len(turn))
+            for k in range(n_canvases):
+                rows.append(row)
+                starts.append(begin - len(shared) + k * canvas)
+                targets.append(turn[k * canvas : (k + 1) * canvas])
+        rests.append(ids[len(shared) :])
     width = max(len(r) for r in rests)
-    ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.long)
+    ids_t = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((size, width), dtype=torch.long)
     for i, rest in enumerate(rests):
-        ids[i, : len(rest)] = torch.tensor(rest)
+        ids_t[i, : len(rest)] = torch.tensor(rest)
         mask[i, : len(rest)] = 1
-    return _Batch(torch.tensor([shared]), ids, mask, torch.tensor(targets))
+    return _Batch(
+        torch.tensor([shared]), ids_t, mask, torch.tensor(rows), torch.tensor(starts), torch.tensor(targets)
+    )
 
 
 def _noise(b: _Batch, vocab: int, digits: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
@@ -117,12 +158,13 @@ def _noise(b: _Batch, vocab: int, digits: torch.Tensor, settings: TrainSettings,
 
 
 def _encode(model: DiffusionGemmaForBlockDiffusion, b: _Batch) -> dict[str, Any]:
-    """Encodes every prompt of the batch; returns the decoder's inputs but the canvas itself.
+    """Encodes every conversation of the batch; returns the decoder's inputs but the canvases themselves.
 
-    For each row the decoder then sees what the engine's decoder sees for that prompt alone
+    For each canvas the decoder then sees what the engine's decoder sees for that canvas's prompt alone
     (tests/unit/test_tiny_checkpoint.py checks the logits match).
     """
-    batch, canvas = b.targets.shape
+    conversations = b.ids.shape[0]
+    canvases, canvas = b.targets.shape
     encoder = model.model.encoder
     # The system turn (tool declarations) is the same for the whole batch and is most of every prompt:
     # encoding it once, without gradient, and sharing its KV cuts a step's cost by about three. The
@@ -134,19 +176,23 @@ def _encode(model: DiffusionGemmaForBlockDiffusion, b: _Batch) -> dict[str, Any]
         raise ValueError(f"a padded batch of {shared_len + b.ids.shape[1]} tokens exceeds the {window}-token window")
     with torch.no_grad():
         cache = encoder(input_ids=b.shared).past_key_values
-    cache.batch_repeat_interleave(batch)
-    # Right padding keeps every encoder row's causal attention non-empty; the decoder masks the pad slots
-    # through the 2D mask and places the canvas right after each row's real tokens.
-    ones = torch.ones((batch, shared_len), dtype=b.mask.dtype)
+    cache.batch_repeat_interleave(conversations)
+    # Right padding keeps every encoder row's causal attention non-empty.
+    ones = torch.ones((conversations, shared_len), dtype=b.mask.dtype)
     enc_mask = torch.cat([ones, b.mask], dim=1)
-    positions = (shared_len + torch.arange(b.ids.shape[1])).unsqueeze(0).expand(batch, -1)
+    positions = (shared_len + torch.arange(b.ids.shape[1])).unsqueeze(0).expand(conversations, -1)
     cache = encoder(
         input_ids=b.ids, attention_mask=enc_mask, position_ids=positions, past_key_values=cache
     ).past_key_values
+    cache.batch_select_indices(b.rows)
+    # Each canvas sees its conversation's slots before its own turn (the later ones are masked like the
+    # padding) and sits right after them, as the engine places a canvas after its prompt.
+    before = (torch.arange(b.ids.shape[1]).unsqueeze(0) < b.starts.unsqueeze(1)).to(b.mask.dtype)
+    seen = torch.cat([ones[:1].expand(canvases, -1), before], dim=1)
     return {
         "past_key_values": cache,
-        "decoder_attention_mask": torch.cat([enc_mask, torch.ones((batch, canvas), dtype=b.mask.dtype)], dim=1),
-        "decoder_position_ids": enc_mask.sum(dim=1, keepdim=True) + torch.arange(canvas).unsqueeze(0),
+        "decoder_attention_mask": torch.cat([seen, torch.ones((canvases, canvas), dtype=b.mask.dtype)], dim=1),
+        "decoder_position_ids": (shared_len + b.starts).unsqueeze(1) + torch.arange(canvas).unsqueeze(0),
     }
 
 
@@ -157,6 +203,7 @@ def _loss(
     settings: TrainSettings,
     digits: torch.Tensor,
 ) -> torch.Tensor:
+    b = b.repeat(settings.noisings)
     batch, _ = b.targets.shape
     vocab = model.config.get_text_config().vocab_size
     noised = _noise(b, vocab, digits, settings, gen)
@@ -244,7 +291,8 @@ def train(out: Path, settings: TrainSettings = TrainSettings()) -> dict[str, Any
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = _loss(model, _batch(tokenizer, rng, settings.batch_size, canvas), gen, settings, digits)
+        batch = _batch(tokenizer, rng, settings.batch_size, canvas, settings.two_step_rate)
+        loss = _loss(model, batch, gen, settings, digits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
