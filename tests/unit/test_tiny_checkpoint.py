@@ -14,9 +14,9 @@ from blockpress.workers.tinytrain import CALCULATOR_TOOL, held_out_problems, is_
 from blockpress.workers.tinytrain.data import conversation_steps, random_samples, sample_problem
 from blockpress.workers.tinytrain.evaluate import last_number, parse_call
 
-# On held_out_problems(40) with seed 0 the shipped checkpoint measured 80.0% exact answers and 100%
+# On held_out_problems(40) with seed 0 the shipped checkpoint measured 97.5% exact answers and 100%
 # well-formed calls (bench/tiny_accuracy.py's evaluation); the floors leave room for other CPUs' rounding.
-ACCURACY_FLOOR = 0.65
+ACCURACY_FLOOR = 0.85
 CALL_VALIDITY_FLOOR = 0.95
 
 CHAT_MARKERS = [
@@ -126,8 +126,8 @@ def test_training_turns_are_what_the_evaluator_accepts() -> None:
 @pytest.mark.slow
 def test_accuracy_floor_on_held_out_problems_through_the_engine() -> None:
     # The floor is the shipped checkpoint's own level on this sample, less a margin for other CPUs'
-    # float rounding: it catches a regression (engine, template, tokenizer or weights), it is not the
-    # issue's target (90% exact, 98% well-formed on 200 problems), which the checkpoint does not meet.
+    # float rounding: it catches a regression (engine, template, tokenizer or weights). The issue's
+    # targets (90% exact, 98% well-formed on 200 problems) are measured by bench/tiny_accuracy.py.
     from blockpress.workers import DiffusionEngine
     from blockpress.workers.tinytrain.evaluate import evaluate
 
@@ -192,3 +192,31 @@ def test_training_is_reproducible_from_its_seed(tmp_path: Path) -> None:
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log["settings"]["seed"] == 0 and len(log["losses_every_10"]) == 1
     assert (tmp_path / "a" / "loss.png").stat().st_size > 0
+
+
+def test_noised_digits_stay_digits_and_can_come_from_their_own_canvas() -> None:
+    # Digit confusion: a noised digit becomes another digit, so that a digit in the canvas is no evidence
+    # of itself. With own_digits=1 the substitute is one of the same canvas's digits, the mistake a model
+    # makes copying a number (64 written 66).
+    import torch
+
+    from blockpress.workers.tinytrain.train import TrainSettings, _Batch, _noise
+
+    digits = torch.arange(10, 20)
+    rows = [[10, 11, 12] + [5] * 29, [19] * 4 + [5] * 28]
+    targets = torch.tensor(rows * 200)
+    empty = torch.zeros(0)
+    b = _Batch(empty, empty, empty, empty, empty, targets)
+    is_digit = torch.isin(targets, digits)
+    gen = torch.Generator().manual_seed(0)
+
+    uniform = _noise(b, 50, digits, TrainSettings(digit_confusion=1.0), gen)
+    assert bool(torch.isin(uniform[is_digit], digits).all())
+    assert bool((uniform[is_digit] != targets[is_digit]).any())  # some were noised
+    assert bool(torch.isin(uniform[0::2][is_digit[0::2]], torch.arange(13, 20)).any())  # from all ten digits
+    assert bool((~torch.isin(uniform[~is_digit], digits)).any())  # other positions get any token
+
+    own = _noise(b, 50, digits, TrainSettings(digit_confusion=1.0, own_digits=1.0), gen)
+    assert bool(torch.isin(own[0::2][is_digit[0::2]], torch.tensor([10, 11, 12])).all())
+    assert bool((own[1::2][is_digit[1::2]] == 19).all())
+    assert bool((own[0::2][is_digit[0::2]] != targets[0::2][is_digit[0::2]]).any())

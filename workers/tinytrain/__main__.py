@@ -20,8 +20,11 @@ def main() -> None:
     parser.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint")
     parser.add_argument("--hidden-size", type=int, default=TrainSettings.hidden_size)
     parser.add_argument("--layers", type=int, default=TrainSettings.layers)
+    parser.add_argument("--heads", type=int, default=TrainSettings.heads)
+    parser.add_argument("--kv-heads", type=int, default=TrainSettings.kv_heads)
     parser.add_argument("--two-step-rate", type=float, default=TrainSettings.two_step_rate)
     parser.add_argument("--digit-confusion", type=float, default=TrainSettings.digit_confusion)
+    parser.add_argument("--own-digits", type=float, default=TrainSettings.own_digits)
     parser.add_argument("--save-every", type=int, default=0, help="also save into OUT/partial every N steps")
     args = parser.parse_args()
     settings = TrainSettings(
@@ -35,7 +38,10 @@ def main() -> None:
         init_from=args.init_from,
         hidden_size=args.hidden_size,
         layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
         digit_confusion=args.digit_confusion,
+        own_digits=args.own_digits,
         two_step_rate=args.two_step_rate,
     )
     log = train(args.out, settings)
