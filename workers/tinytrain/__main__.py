@@ -27,25 +27,12 @@ def main() -> None:
     parser.add_argument("--own-digits", type=float, default=TrainSettings.own_digits)
     parser.add_argument("--save-every", type=int, default=0, help="also save into OUT/partial every N steps")
     args = parser.parse_args()
-    settings = TrainSettings(
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        noisings=args.noisings,
-        lr=args.lr,
-        threads=args.threads,
-        save_every=args.save_every,
-        init_from=args.init_from,
-        hidden_size=args.hidden_size,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        digit_confusion=args.digit_confusion,
-        own_digits=args.own_digits,
-        two_step_rate=args.two_step_rate,
-    )
-    log = train(args.out, settings)
-    print(f"trained in {log['wall_s']} s, final loss {log['final_loss_mean_50']:.4f}; wrote {args.out}")
+    # Every option but --out is named after the TrainSettings field it sets.
+    options = vars(args)
+    out = options.pop("out")
+    settings = TrainSettings(**options)
+    log = train(out, settings)
+    print(f"trained in {log['wall_s']} s, final loss {log['final_loss_mean_50']:.4f}; wrote {out}")
 
 
 if __name__ == "__main__":
