@@ -3,17 +3,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := constraints/lock.txt
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench redis-server install proto clean
+.PHONY: demo test test-latest lock bench redis-server install proto clean
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "BlockPress needs Python 3.11 or newer; set PYTHON=python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# The constraints file pins the CPU build of torch; without it pip may pull a multi-GB CUDA build.
-	$(BIN)/pip install -q -c constraints/cpu.txt -e ".[worker,dev]"
+	# Every package comes from the lock, pip and setuptools included, so an upstream release cannot
+	# change what a fresh clone installs; --no-build-isolation builds with the locked setuptools.
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
 
 install: $(STAMP)
@@ -31,6 +34,28 @@ test: install redis-server
 	$(BIN)/mypy runtime workers agents
 	$(BIN)/pytest
 
+# Regenerates the lock from pyproject.toml's ranges, constraints/build.in and the CPU torch pin. The
+# +cpu torch wheel must be reachable: TORCH_FIND_LINKS is a folder or page that holds it.
+TORCH_FIND_LINKS ?= /opt/wheels
+lock: install
+	$(BIN)/uv pip compile pyproject.toml constraints/build.in --extra worker --extra dev \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_FIND_LINKS) -c constraints/cpu.txt -o $(LOCK)
+
+# Opt-in, not run by CI: the suite on the newest release of every dependency (torch stays on the CPU
+# build), in a venv of its own, to see the next upstream break here before users do.
+LATEST := .venv-latest
+test-latest: redis-server
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints/cpu.txt -e ".[worker,dev]"
+	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
+	@echo "newest releases installed: $(LATEST)/versions.txt"
+	$(LATEST)/bin/ruff check .
+	$(LATEST)/bin/mypy runtime workers agents
+	$(LATEST)/bin/pytest -p no:cacheprovider
+
 bench: install redis-server
 	$(BIN)/python bench/engine_vs_transformers.py
 
@@ -39,4 +64,4 @@ proto: install
 	$(BIN)/python runtime/_pb/_generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

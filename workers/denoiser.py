@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 
+from .hf_compat import cache_kwargs
+
 __all__ = ["CanvasPlan", "Denoiser", "StepOutput"]
 
 Sampler = Literal["gumbel", "multinomial"]
@@ -94,7 +96,7 @@ class Denoiser:
                 position_embeddings=rope[layer_types[i]],
                 attention_mask=None,
                 position_ids=position_ids,
-                past_key_values=cache,
+                **cache_kwargs(cache),
             )
         logits = self.model.lm_head(dec.norm(hidden)).float()
         if self.softcap:  # in place: a fresh (L, V) buffer per op costs page faults on every step

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .hf_compat import cache_kwargs, output_cache
+
 __all__ = ["EngineSession"]
 
 
@@ -59,10 +61,10 @@ class EngineSession:
             config=self._model.config,
             inputs_embeds=torch.empty((1, ids.shape[1], 0), dtype=self._model.dtype, device=device),
             attention_mask=torch.ones((1, start + ids.shape[1]), dtype=torch.bool, device=device),
-            past_key_values=self.cache,
+            **cache_kwargs(self.cache),
             position_ids=positions,
         )
-        out = self._encoder(input_ids=ids, attention_mask=masks, past_key_values=self.cache, position_ids=positions)
-        self.cache = out.past_key_values
+        out = self._encoder(input_ids=ids, attention_mask=masks, position_ids=positions, **cache_kwargs(self.cache))
+        self.cache = output_cache(out)
         self.token_ids += list(token_ids)
         return len(token_ids)

@@ -14,6 +14,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from blockpress.workers import DenoiseSettings, DiffusionEngine
 from blockpress.workers.denoiser import Denoiser, _entropy_bound_accept
+from blockpress.workers.hf_compat import cache_kwargs
 
 
 def _reference(engine: DiffusionEngine, prompt_ids: list[int], seed: int, **kwargs: object) -> list[int]:
@@ -67,7 +68,7 @@ def test_per_step_quantities_agree(engine: DiffusionEngine) -> None:
         reference = engine.model(
             decoder_input_ids=canvas,
             self_conditioning_logits=previous,
-            past_key_values=session.cache,
+            **cache_kwargs(session.cache),
             decoder_position_ids=positions,
         ).logits
         ours = denoiser.decoder_logits(canvas, previous.softmax(-1), session.cache, positions)

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
 from blockpress.workers.checkpoints import TINY_CALCULATOR
+from blockpress.workers.hf_compat import cache_kwargs, output_cache
 from blockpress.workers.tinytrain import CALCULATOR_TOOL, held_out_problems, is_held_out
 from blockpress.workers.tinytrain.data import conversation_steps, random_samples, sample_problem
 from blockpress.workers.tinytrain.evaluate import last_number, parse_call
@@ -163,10 +164,10 @@ def test_training_decoder_sees_what_the_engine_decoder_sees(tokenizer: Any) -> N
         batched = model(**_encode(model, b), decoder_input_ids=b.targets).logits
         for i in range(len(b.targets)):
             prompt = torch.cat([b.shared[0], b.ids[b.rows[i], : b.starts[i]]]).unsqueeze(0)
-            cache = model.model.encoder(input_ids=prompt).past_key_values
+            cache = output_cache(model.model.encoder(input_ids=prompt))
             positions = (prompt.shape[1] + torch.arange(canvas)).unsqueeze(0)
             alone = model(
-                past_key_values=cache, decoder_input_ids=b.targets[i : i + 1], decoder_position_ids=positions
+                **cache_kwargs(cache), decoder_input_ids=b.targets[i : i + 1], decoder_position_ids=positions
             ).logits
             torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)
 

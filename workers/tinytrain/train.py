@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
 
+from ..hf_compat import cache_kwargs, output_cache
 from .build import build_generation_config, build_model_config, build_tokenizer
 from .data import TWO_STEP_RATE, random_samples, random_system_prompt, random_tools, render_prefix
 
@@ -190,22 +191,21 @@ def _encode(model: DiffusionGemmaForBlockDiffusion, b: _Batch) -> dict[str, Any]
         # Past the window the sliding layers would drop real prompt tokens that inference keeps.
         raise ValueError(f"a padded batch of {shared_len + b.ids.shape[1]} tokens exceeds the {window}-token window")
     with torch.no_grad():
-        cache = encoder(input_ids=b.shared).past_key_values
+        cache = output_cache(encoder(input_ids=b.shared))
     cache.batch_repeat_interleave(conversations)
     # Right padding keeps every encoder row's causal attention non-empty.
     ones = torch.ones((conversations, shared_len), dtype=b.mask.dtype)
     enc_mask = torch.cat([ones, b.mask], dim=1)
     positions = (shared_len + torch.arange(b.ids.shape[1])).unsqueeze(0).expand(conversations, -1)
-    cache = encoder(
-        input_ids=b.ids, attention_mask=enc_mask, position_ids=positions, past_key_values=cache
-    ).past_key_values
+    out = encoder(input_ids=b.ids, attention_mask=enc_mask, position_ids=positions, **cache_kwargs(cache))
+    cache = output_cache(out)
     cache.batch_select_indices(b.rows)
     # Each canvas sees its conversation's slots before its own turn (the later ones are masked like the
     # padding) and sits right after them, as the engine places a canvas after its prompt.
     before = (torch.arange(b.ids.shape[1]).unsqueeze(0) < b.starts.unsqueeze(1)).to(b.mask.dtype)
     seen = torch.cat([ones[:1].expand(canvases, -1), before], dim=1)
     return {
-        "past_key_values": cache,
+        **cache_kwargs(cache),
         "decoder_attention_mask": torch.cat([seen, torch.ones((canvases, canvas), dtype=b.mask.dtype)], dim=1),
         "decoder_position_ids": (shared_len + b.starts).unsqueeze(1) + torch.arange(canvas).unsqueeze(0),
     }
