@@ -4,18 +4,17 @@
     loop = AgentLoop(model, registry)
     result = loop.run(AgentTask.from_instructions("What is 37*41+12?", tools=("calculator",)))
 
-The loop talks to an `AgentModel` (the engine-backed one is `blockpress.agents.engine_model`;
+The loop talks to an `AgentModel` (the engine-backed one is `blockpress.workers.agent_model`;
 the scripted double is `blockpress.agents.testing`), so nothing here imports torch, ray or redis.
 """
 
-from .builtins import builtin_tools
-from .errors import AgentError, AgentStopped, InvalidAgentTask, ToolFailed
-from .job import run_agent_job
-from .ledger import InMemoryLedger, Ledger
-from .loop import AgentLoop
-from .model import AgentModel, TurnChunk
-from .task import AgentResult, AgentTask
-from .tools import Tool, ToolRegistry, tool
+from blockpress.agents.builtins import builtin_tools
+from blockpress.agents.errors import AgentError, AgentStopped, InvalidAgentTask, ToolFailed
+from blockpress.agents.ledger import InMemoryLedger, Ledger
+from blockpress.agents.loop import AgentLoop
+from blockpress.agents.model import AgentModel, TurnChunk
+from blockpress.agents.task import AgentResult, AgentTask
+from blockpress.agents.tools import Tool, ToolRegistry, tool
 
 __all__ = [
     "AgentError",
@@ -32,6 +31,5 @@ __all__ = [
     "ToolRegistry",
     "TurnChunk",
     "builtin_tools",
-    "run_agent_job",
     "tool",
 ]

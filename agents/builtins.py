@@ -9,10 +9,10 @@ from collections.abc import Collection
 from importlib.metadata import entry_points
 from typing import Any
 
-from .calculator import evaluate
-from .errors import ToolFailed
-from .sandbox import SandboxLimits, run_python
-from .tools import ENTRY_POINT_GROUP, Tool, ToolRegistry
+from blockpress.agents.calculator import evaluate
+from blockpress.agents.errors import ToolFailed
+from blockpress.agents.sandbox import SandboxLimits, run_python
+from blockpress.agents.tools import ENTRY_POINT_GROUP, Tool, ToolRegistry
 
 __all__ = ["builtin_tools", "calculator_tool", "http_get_tool", "installed_tool_names", "python_tool"]
 

@@ -13,7 +13,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ToolFailed
+from blockpress.agents.errors import ToolFailed
 
 __all__ = ["evaluate"]
 

@@ -15,7 +15,7 @@
 
 `ToolCallError` and `ToolFailed` never escape the loop: they become error results the model sees.
 `AgentStopped` is what a task's result carries when it ends early. The gateway maps these to gRPC
-status codes in one place (`blockpress.runtime.errors`).
+status codes in one place (`blockpress.runtime.contracts.errors`).
 """
 
 from __future__ import annotations

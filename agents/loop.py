@@ -16,13 +16,13 @@ from typing import Any, assert_never
 
 from opentelemetry import trace
 
-from .errors import AgentStopped, BudgetExceeded, MalformedToolCall, MaxTurnsExceeded
-from .events import AgentEvent, FinalAnswer, TaskStopped, ToolCalled, ToolReturned, TurnStarted
-from .ledger import InMemoryLedger, Ledger, TurnRecord
-from .model import AgentModel, Message
-from .task import AgentResult, AgentTask
-from .toolcalls import ToolCall, has_complete_call, neutralize, parse_turn
-from .tools import ToolRegistry
+from blockpress.agents.errors import AgentStopped, BudgetExceeded, MalformedToolCall, MaxTurnsExceeded
+from blockpress.agents.events import AgentEvent, FinalAnswer, TaskStopped, ToolCalled, ToolReturned, TurnStarted
+from blockpress.agents.ledger import InMemoryLedger, Ledger, TurnRecord
+from blockpress.agents.model import AgentModel, Message
+from blockpress.agents.task import AgentResult, AgentTask
+from blockpress.agents.toolcalls import ToolCall, has_complete_call, neutralize, parse_turn
+from blockpress.agents.tools import ToolRegistry
 
 __all__ = ["AgentLoop"]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
-from .errors import ToolConfigError
+from blockpress.agents.errors import ToolConfigError
 
 __all__ = ["SandboxLimits", "SandboxResult", "run_python"]
 

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Union
 
-from .errors import InvalidToolArguments, ToolConfigError
+from blockpress.agents.errors import InvalidToolArguments, ToolConfigError
 
 __all__ = ["docstring_parts", "schema_for", "validate"]
 

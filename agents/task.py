@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AgentStopped, InvalidAgentTask
-from .ledger import TurnRecord
-from .model import Message
+from blockpress.agents.errors import AgentStopped, InvalidAgentTask
+from blockpress.agents.ledger import TurnRecord
+from blockpress.agents.model import Message
 
 __all__ = ["AgentResult", "AgentTask"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .model import AgentModel, Message, TurnChunk
-from .toolcalls import ToolCall, render_call
+from blockpress.agents.model import AgentModel, Message, TurnChunk
+from blockpress.agents.toolcalls import ToolCall, render_call
 
 __all__ = ["ScriptedModel", "call"]
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MalformedToolCall
+from blockpress.agents.errors import MalformedToolCall
 
 __all__ = ["ToolCall", "has_complete_call", "neutralize", "parse_turn", "render_call", "render_value"]
 

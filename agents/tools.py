@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from .errors import InvalidAgentTask, ToolCallError, ToolConfigError, ToolFailed, UnknownTool
-from .schema import docstring_parts, schema_for, validate
-from .toolcalls import ToolCall
+from blockpress.agents.errors import InvalidAgentTask, ToolCallError, ToolConfigError, ToolFailed, UnknownTool
+from blockpress.agents.schema import docstring_parts, schema_for, validate
+from blockpress.agents.toolcalls import ToolCall
 
 __all__ = ["ENTRY_POINT_GROUP", "Tool", "ToolRegistry", "ToolResult", "tool"]
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from blockpress.agents import AgentLoop, AgentTask, builtin_tools
-from blockpress.agents.engine_model import EngineModel, TurnStats
 from blockpress.agents.model import Message
 from blockpress.workers import DenoiseSettings, DiffusionEngine
+from blockpress.workers.agent_model import EngineModel, TurnStats
 from blockpress.workers.testing import build_tiny_checkpoint
 
 FULL_SIZE: dict[str, Any] = {
@@ -63,7 +63,7 @@ def _run(engine: DiffusionEngine, task: AgentTask, settings: DenoiseSettings, *,
 
 
 def _pinning(checkpoint: str, problems: int) -> None:
-    from blockpress.agents.engine_model import pin_tool_call_skeleton
+    from blockpress.workers.agent_model import pin_tool_call_skeleton
     from blockpress.workers.tinytrain.data import held_out_problems
     from blockpress.workers.tinytrain.evaluate import last_number
 

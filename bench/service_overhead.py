@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from blockpress.runtime import AsyncClient, Client
-from blockpress.runtime.embedded import OwnedRedis, start_ray
-from blockpress.runtime.errors import BlockPressError, QueueFull
+from blockpress.runtime.cli.embedded import OwnedRedis, start_ray
+from blockpress.runtime.contracts.errors import BlockPressError, QueueFull
 
 SETTINGS = {"max_new_tokens": 32, "max_denoising_steps": 4}
 

@@ -30,8 +30,8 @@ import redis
 import torch
 from opentelemetry import trace
 
-from blockpress.runtime.telemetry import SpanName, TracedEngine, setup_tracing, trace_stream
-from blockpress.runtime.tracestore import TraceStoreProcessor
+from blockpress.runtime.tracing.store import TraceStoreProcessor
+from blockpress.runtime.tracing.telemetry import SpanName, TracedEngine, setup_tracing, trace_stream
 from blockpress.workers import DenoiseSettings, DiffusionEngine
 from blockpress.workers.testing import build_tiny_checkpoint
 

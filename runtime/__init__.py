@@ -5,7 +5,9 @@ The SDK is what most users import:
     from blockpress.runtime import Client, AsyncClient
 """
 
-from .client import (
+from blockpress.runtime.contracts.errors import BlockPressError, JobError
+from blockpress.runtime.contracts.jobs import Event, JobState
+from blockpress.runtime.sdk.client import (
     AgentResult,
     AgentToolCall,
     AsyncClient,
@@ -16,8 +18,6 @@ from .client import (
     ToolCall,
     Usage,
 )
-from .errors import BlockPressError, JobError
-from .jobs import Event, JobState
 
 __all__ = [
     "AgentResult",

@@ -25,9 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.process_collector import ProcessCollector
 
 if TYPE_CHECKING:
+    from blockpress.runtime.queue.jobqueue import JobQueue
     from blockpress.workers.types import GenerationResult
-
-    from .queue import JobQueue
 
 __all__ = ["RuntimeMetrics", "get_metrics", "sample_queues", "start_metrics_server"]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import EngineError, GenerationCancelled, InvalidRequest, InvalidSettings, PromptTooLong
-from .settings import DenoiseSettings
+from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.workers.errors import EngineError, GenerationCancelled, InvalidRequest, InvalidSettings, PromptTooLong
 
 if TYPE_CHECKING:
-    from .engine import DiffusionEngine
-    from .session import EngineSession
-    from .types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult
+    from blockpress.workers.engine import DiffusionEngine
+    from blockpress.workers.session import EngineSession
+    from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult
 
 __all__ = [
     "CanvasEvent",

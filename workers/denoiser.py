@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from .hf_compat import cache_kwargs
+from blockpress.workers.hf_compat import cache_kwargs
 
 __all__ = ["CanvasPlan", "Denoiser", "StepOutput"]
 

@@ -19,12 +19,21 @@ from typing import Any
 
 import torch
 
-from .denoiser import CanvasPlan, Denoiser, Sampler
-from .errors import EngineBroken, GenerationCancelled, InvalidRequest, PromptTooLong
-from .loading import load_checkpoint
-from .session import EngineSession
-from .settings import TRANSFORMERS_DEFAULTS, DenoiseSettings
-from .types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, StopReason, StreamEvent, Timings
+from blockpress.runtime.contracts.settings import TRANSFORMERS_DEFAULTS, DenoiseSettings
+from blockpress.workers.denoiser import CanvasPlan, Denoiser, Sampler
+from blockpress.workers.errors import EngineBroken, GenerationCancelled, InvalidRequest, PromptTooLong
+from blockpress.workers.loading import load_checkpoint
+from blockpress.workers.session import EngineSession
+from blockpress.workers.types import (
+    CanvasEvent,
+    CanvasStats,
+    DraftEvent,
+    EndEvent,
+    GenerationResult,
+    StopReason,
+    StreamEvent,
+    Timings,
+)
 
 __all__ = ["CancelSignal", "DiffusionEngine"]
 

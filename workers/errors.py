@@ -2,16 +2,20 @@
 
     EngineError
     ├── InvalidRequest          the caller sent something bad (maps to INVALID_ARGUMENT)
-    │   ├── InvalidSettings     a denoising setting out of range; names the field
     │   └── PromptTooLong       the prompt does not fit the model's context; gives both numbers
     ├── ModelConfigError        the operator pointed at something that is not a usable checkpoint
     ├── GenerationCancelled     the job was cancelled between two denoising steps
     └── EngineBroken            the engine cannot go on (CUDA error, out of memory): the replica exits
 
-The gateway maps these to gRPC status codes in one place (`blockpress.runtime.errors`).
+A denoising setting out of range is the runtime contract's `InvalidSettings` (an `InvalidArgument`),
+raised by `DenoiseSettings` itself. `error_code` is the one place that maps these, the agent layer's and
+the contract's errors to the status code name a job's `failed` event carries.
 """
 
 from __future__ import annotations
+
+from blockpress.agents import errors as _agents
+from blockpress.runtime.contracts.errors import BlockPressError, InvalidArgument, InvalidSettings
 
 __all__ = [
     "EngineBroken",
@@ -21,6 +25,7 @@ __all__ = [
     "InvalidSettings",
     "ModelConfigError",
     "PromptTooLong",
+    "error_code",
 ]
 
 
@@ -30,15 +35,6 @@ class EngineError(Exception):
 
 class InvalidRequest(EngineError, ValueError):
     """The caller sent something the engine cannot run."""
-
-
-class InvalidSettings(InvalidRequest):
-    """A denoising setting is out of range."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class PromptTooLong(InvalidRequest):
@@ -66,3 +62,23 @@ class GenerationCancelled(EngineError):
 
 class EngineBroken(EngineError):
     """The engine hit an error it cannot recover from; the replica must exit and be restarted."""
+
+
+# By who must act: the caller (INVALID_ARGUMENT), the operator (FAILED_PRECONDITION), or nobody but a
+# retry. Anything else is a bug: INTERNAL.
+_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    ((InvalidRequest, InvalidArgument, _agents.InvalidAgentTask), "INVALID_ARGUMENT"),
+    ((_agents.ToolConfigError, ModelConfigError), "FAILED_PRECONDITION"),
+    (GenerationCancelled, "CANCELLED"),
+    (EngineBroken, "UNAVAILABLE"),
+)
+
+
+def error_code(exc: BaseException) -> str:
+    """The status code name a job's `failed` event carries for `exc` (INVALID_ARGUMENT, ...)."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    if isinstance(exc, BlockPressError):
+        return exc.code.name
+    return "INTERNAL"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelConfigError
+from blockpress.workers.errors import ModelConfigError
 
 __all__ = ["load_checkpoint", "resolve_device", "resolve_dtype"]
 

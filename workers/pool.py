@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from .replica import Replica
+from blockpress.workers.replica import Replica
 
 __all__ = ["ReplicaPool"]
 

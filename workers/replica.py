@@ -22,9 +22,8 @@ import ray
 import redis
 import redis.asyncio as aioredis
 
-from blockpress.runtime.queue import Claim, JobQueue
-
-from .runner import JobRunner
+from blockpress.runtime.queue.jobqueue import Claim, JobQueue
+from blockpress.workers.runner import JobRunner
 
 __all__ = ["Replica"]
 
@@ -46,8 +45,8 @@ class Replica:
             dropped first.
         metrics_port: serve Prometheus `/metrics` of this replica on this port (0: any free port,
             which `info()["metrics_port"]` then names); None serves none.
-        agent_pin: a `blockpress.agents.engine_model.TemplatePolicy` as `module:function` (for
-            example `blockpress.agents.engine_model:pin_tool_call_skeleton`): text pinned at the start
+        agent_pin: a `blockpress.workers.agent_model.TemplatePolicy` as `module:function` (for
+            example `blockpress.workers.agent_model:pin_tool_call_skeleton`): text pinned at the start
             of agent turns. None pins nothing.
         http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
         trace_retention_s: how long the trace store keeps this replica's spans; None: its default.
@@ -69,7 +68,7 @@ class Replica:
         http_allowed_hosts: Sequence[str] = (),
         trace_retention_s: float | None = None,
     ) -> None:
-        from .engine import DiffusionEngine
+        from blockpress.workers.engine import DiffusionEngine
 
         if torch_threads:
             import torch
@@ -87,7 +86,7 @@ class Replica:
             "device": engine.device,
         }
         try:
-            from blockpress.runtime.telemetry import TracedEngine, setup_tracing
+            from blockpress.runtime.tracing.telemetry import TracedEngine, setup_tracing
 
             # This actor is its own process: its spans go to the trace store beside the queue (and to
             # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
@@ -175,7 +174,7 @@ def _agent_options(pin: str | None, http_allowed_hosts: Sequence[str] = ()) -> d
     """
     try:
         from blockpress.agents.builtins import http_get_tool
-        from blockpress.agents.job import default_registry
+        from blockpress.workers.agent_job import default_registry
     except ImportError:  # an install without the agent layer serves generations only
         return {}
     registry = default_registry()
@@ -191,7 +190,7 @@ def _agent_options(pin: str | None, http_allowed_hosts: Sequence[str] = ()) -> d
 def _per_claim(shared: dict[str, Any], client: redis.Redis, queue: JobQueue) -> Callable[[Claim], dict[str, Any]]:
     """Agent jobs record their turns in Redis, fenced by attempt, so a redelivery resumes them."""
     try:
-        from blockpress.runtime.ledger import RedisLedger
+        from blockpress.workers.ledger import RedisLedger
     except ImportError:
         return lambda claim: dict(shared)
     return lambda claim: {**shared, "ledger": RedisLedger(client, claim.job_id, claim.attempt, keys=queue.keys)}

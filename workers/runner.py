@@ -49,12 +49,11 @@ from typing import Any, NamedTuple
 
 from blockpress.agents.errors import MalformedToolCall
 from blockpress.agents.toolcalls import has_complete_call, parse_turn
-from blockpress.runtime.jobs import EventType, JobState
-from blockpress.runtime.queue import TRANSIENT_ERRORS, Claim, JobQueue
-
-from .errors import EngineBroken, GenerationCancelled, InvalidRequest
-from .settings import DenoiseSettings
-from .types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
+from blockpress.runtime.contracts.jobs import EventType, JobState
+from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.runtime.queue.jobqueue import TRANSIENT_ERRORS, Claim, JobQueue
+from blockpress.workers.errors import EngineBroken, GenerationCancelled, InvalidRequest
+from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
 
 __all__ = ["FAULTS_ENV", "JobRunner"]
 
@@ -513,7 +512,7 @@ def _describe(span: Any, ending: _Ending) -> None:
     """The job's end on its `replica.run` span: final state, stop reason, token counts."""
     if span is None or ending.state is None:  # not ours: the newer attempt's span tells the end
         return
-    from blockpress.runtime.telemetry import Attr
+    from blockpress.runtime.tracing.telemetry import Attr
 
     span.set_attribute(Attr.JOB_STATE, ending.state.value)
     if ending.result is not None:

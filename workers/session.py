@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .hf_compat import cache_kwargs, output_cache
+from blockpress.workers.hf_compat import cache_kwargs, output_cache
 
 __all__ = ["EngineSession"]
 

@@ -25,8 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from blockpress.runtime.jobs import Event, JobSpec, JobState
-from blockpress.runtime.queue import JobQueue
+from blockpress.runtime.contracts.jobs import Event, JobSpec, JobState
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.pool import ReplicaPool
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from blockpress.runtime.jobs import Event, JobSpec, JobState
-from blockpress.runtime.keys import GROUP, Keys
-from blockpress.runtime.queue import JobQueue
+from blockpress.runtime.contracts.jobs import Event, JobSpec, JobState
+from blockpress.runtime.contracts.keys import GROUP, Keys
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.pool import ReplicaPool
 from blockpress.workers.runner import FAULTS_ENV
 

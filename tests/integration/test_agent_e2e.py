@@ -20,9 +20,9 @@ from blockpress.agents.testing import ScriptedModel, call
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.gateway import Gateway
-from blockpress.runtime.queue import JobQueue
-from blockpress.runtime.validation import load_model_card
+from blockpress.runtime.gateway.server import Gateway
+from blockpress.runtime.gateway.validation import load_model_card
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.runner import JobRunner
 
 

@@ -14,9 +14,9 @@ from blockpress.agents import AgentLoop, AgentTask, ToolRegistry, tool
 from blockpress.agents.errors import Superseded
 from blockpress.agents.model import Message
 from blockpress.agents.testing import ScriptedModel, call
-from blockpress.runtime.jobs import JobSpec, JobState
-from blockpress.runtime.ledger import RedisLedger
-from blockpress.runtime.queue import JobQueue
+from blockpress.runtime.contracts.jobs import JobSpec, JobState
+from blockpress.runtime.queue.jobqueue import JobQueue
+from blockpress.workers.ledger import RedisLedger
 
 
 @pytest.fixture

@@ -17,11 +17,12 @@ from typing import Any
 
 from blockpress.agents.model import Message
 from blockpress.agents.testing import ScriptedModel, call
+from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.gateway import Gateway
-from blockpress.runtime.queue import JobQueue
-from blockpress.runtime.telemetry import SpanName, setup_tracing
-from blockpress.runtime.validation import load_model_card
+from blockpress.runtime.gateway.server import Gateway
+from blockpress.runtime.gateway.validation import load_model_card
+from blockpress.runtime.queue.jobqueue import JobQueue
+from blockpress.runtime.tracing.telemetry import SpanName, setup_tracing
 from blockpress.workers.runner import JobRunner
 
 
@@ -33,7 +34,8 @@ def answer(messages: Sequence[Message]) -> str:
 async def running(redis_client: Any, redis_url: str, checkpoint: Path, turns: list[Any]) -> AsyncIterator[str]:
     card = await asyncio.to_thread(load_model_card, str(checkpoint))
     queue = JobQueue(redis_client)
-    gateway = Gateway(RuntimeSettings(port=0, redis_url=redis_url), queue, {card.name: card})
+    gateway_settings = RuntimeSettings(port=0, redis_url=redis_url)
+    gateway = Gateway(gateway_settings, queue, {card.name: card}, agent_tools=server_tools(gateway_settings))
     await gateway.start()
     runner = JobRunner(ScriptedModel(turns), queue, model=card.name, replica_id="replica-1")
     stop = asyncio.Event()

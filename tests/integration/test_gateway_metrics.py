@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.gateway import Gateway
-from blockpress.runtime.jobs import JobSpec
-from blockpress.runtime.queue import JobQueue
-from blockpress.runtime.validation import load_model_card
+from blockpress.runtime.contracts.jobs import JobSpec
+from blockpress.runtime.gateway.server import Gateway
+from blockpress.runtime.gateway.validation import load_model_card
+from blockpress.runtime.queue.jobqueue import JobQueue
 
 
 def _scrape(port: int) -> str:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from blockpress.runtime.errors import JobFinished, JobNotFound, QueueFull
-from blockpress.runtime.jobs import Event, JobSpec, JobState
-from blockpress.runtime.keys import GROUP, Keys
-from blockpress.runtime.queue import JobQueue
+from blockpress.runtime.contracts.errors import JobFinished, JobNotFound, QueueFull
+from blockpress.runtime.contracts.jobs import Event, JobSpec, JobState
+from blockpress.runtime.contracts.keys import GROUP, Keys
+from blockpress.runtime.queue.jobqueue import JobQueue
 
 MODEL = "tiny"
 KEYS = Keys()

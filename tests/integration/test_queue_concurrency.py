@@ -6,9 +6,9 @@ import asyncio
 import random
 from typing import Any
 
-from blockpress.runtime.jobs import JobSpec, JobState
-from blockpress.runtime.keys import GROUP, Keys
-from blockpress.runtime.queue import Claim, JobQueue
+from blockpress.runtime.contracts.jobs import JobSpec, JobState
+from blockpress.runtime.contracts.keys import GROUP, Keys
+from blockpress.runtime.queue.jobqueue import Claim, JobQueue
 
 MODEL = "tiny"
 PRODUCERS, JOBS_EACH, CONSUMERS = 8, 25, 4

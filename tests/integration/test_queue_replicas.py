@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from blockpress.runtime.jobs import Event, JobSpec, JobState
-from blockpress.runtime.queue import JobQueue
+from blockpress.runtime.contracts.jobs import Event, JobSpec, JobState
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.pool import ReplicaPool
 
 pytestmark = pytest.mark.slow

@@ -20,14 +20,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from blockpress.agents.toolcalls import ToolCall, render_call
 from blockpress.runtime import AsyncClient
-from blockpress.runtime.client import ToolCall as ClientToolCall
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.gateway import Gateway
-from blockpress.runtime.jobs import JobSpec, JobState
+from blockpress.runtime.contracts.jobs import JobSpec, JobState
+from blockpress.runtime.gateway.server import Gateway
+from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.metrics import get_metrics
-from blockpress.runtime.queue import JobQueue
-from blockpress.runtime.telemetry import Attr, SpanName, setup_tracing
-from blockpress.runtime.validation import load_model_card
+from blockpress.runtime.queue.jobqueue import JobQueue
+from blockpress.runtime.sdk.client import ToolCall as ClientToolCall
+from blockpress.runtime.tracing.telemetry import Attr, SpanName, setup_tracing
 from blockpress.workers.engine import DiffusionEngine
 from blockpress.workers.runner import JobRunner
 

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from blockpress.runtime import AsyncClient, Client, JobState
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.errors import (
+from blockpress.runtime.contracts.errors import (
     InvalidArgument,
     JobCancelled,
     JobExpired,
@@ -35,9 +35,9 @@ from blockpress.runtime.errors import (
     QueueFull,
     ServiceUnavailable,
 )
-from blockpress.runtime.gateway import Gateway
-from blockpress.runtime.queue import JobQueue
-from blockpress.runtime.validation import load_model_card
+from blockpress.runtime.gateway.server import Gateway
+from blockpress.runtime.gateway.validation import load_model_card
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.pool import ReplicaPool
 
 pytestmark = pytest.mark.slow

@@ -19,11 +19,12 @@ import pytest
 from blockpress.agents.model import Message
 from blockpress.agents.testing import ScriptedModel, Turn, call
 from blockpress.runtime import AgentResult, AgentToolCall, AsyncClient, Client, JobState
+from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.errors import InvalidArgument
-from blockpress.runtime.gateway import Gateway
-from blockpress.runtime.queue import JobQueue
-from blockpress.runtime.validation import load_model_card
+from blockpress.runtime.contracts.errors import InvalidArgument
+from blockpress.runtime.gateway.server import Gateway
+from blockpress.runtime.gateway.validation import load_model_card
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.runner import JobRunner
 
 QUESTION = "What is 37*41+12?"
@@ -43,7 +44,8 @@ async def running(
     """Gateway on port 0 and one runner playing `turns`; yields the address, the model and the queue."""
     card = await asyncio.to_thread(load_model_card, str(checkpoint))
     queue = JobQueue(redis_client)
-    gateway = Gateway(RuntimeSettings(port=0, **settings), queue, {card.name: card})
+    gateway_settings = RuntimeSettings(port=0, **settings)
+    gateway = Gateway(gateway_settings, queue, {card.name: card}, agent_tools=server_tools(gateway_settings))
     await gateway.start()
     model = ScriptedModel(turns)
     runner = JobRunner(model, queue, model=card.name, replica_id="replica-1")
@@ -149,8 +151,8 @@ async def test_an_unknown_tool_is_refused_before_anything_is_queued(redis_client
 async def test_client_trace_shows_where_the_agent_task_s_time_went(
     redis_client: Any, redis_server: Any, tiny_checkpoint: Path
 ) -> None:
-    from blockpress.runtime.errors import NotFound
-    from blockpress.runtime.telemetry import Attr, SpanName, setup_tracing
+    from blockpress.runtime.contracts.errors import NotFound
+    from blockpress.runtime.tracing.telemetry import Attr, SpanName, setup_tracing
 
     # The process-wide provider keeps finished spans in this Redis, as `blockpress serve` does.
     setup_tracing("blockpress-test", redis_url=redis_server.url)

@@ -12,9 +12,9 @@ import pytest
 import redis
 from opentelemetry.sdk.trace import TracerProvider
 
-from blockpress.runtime.telemetry import Attr, SpanName, trace_stream
-from blockpress.runtime.tracecli import add_trace_commands
-from blockpress.runtime.tracestore import TraceStore, TraceStoreProcessor
+from blockpress.runtime.cli.trace import add_trace_commands
+from blockpress.runtime.tracing.store import TraceStore, TraceStoreProcessor
+from blockpress.runtime.tracing.telemetry import Attr, SpanName, trace_stream
 from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
 
 

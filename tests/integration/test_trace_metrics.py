@@ -12,9 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from blockpress.runtime.jobs import JobSpec
+from blockpress.runtime.contracts.jobs import JobSpec
 from blockpress.runtime.metrics import RuntimeMetrics, sample_queues, start_metrics_server
-from blockpress.runtime.queue import JobQueue
+from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.types import CanvasStats, GenerationResult, Timings
 
 

@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from blockpress.runtime.telemetry import Attr, SpanName
-from blockpress.runtime.tracestore import SpanRecord, TraceStore, TraceStoreProcessor
+from blockpress.runtime.tracing.store import SpanRecord, TraceStore, TraceStoreProcessor
+from blockpress.runtime.tracing.telemetry import Attr, SpanName
 
 # A fixed "now" for the store's clock; expiry itself is Redis's, so it is anchored to the real clock.
 NOW = float(int(time.time()))

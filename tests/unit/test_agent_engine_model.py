@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from blockpress.agents import AgentLoop, AgentTask, builtin_tools
-from blockpress.agents.engine_model import EngineModel, pin_tool_call_skeleton
 from blockpress.agents.model import Message
 from blockpress.workers import DenoiseSettings, DiffusionEngine
+from blockpress.workers.agent_model import EngineModel, pin_tool_call_skeleton
 
 CALL = '<|tool_call>call:calculator{expression:<|"|>37*41+12<|"|>}<tool_call|>'
 SETTINGS = DenoiseSettings(seed=5, max_new_tokens=256, max_denoising_steps=4)

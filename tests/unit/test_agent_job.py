@@ -10,7 +10,7 @@ import pytest
 
 from blockpress.agents import InMemoryLedger, run_agent_job
 from blockpress.agents.model import Message
-from blockpress.runtime.jobs import JobSpec
+from blockpress.runtime.contracts.jobs import JobSpec
 from blockpress.workers import DiffusionEngine, InvalidRequest
 
 CALL = '<|tool_call>call:calculator{expression:<|"|>6*7<|"|>}<tool_call|>'

@@ -51,7 +51,7 @@ def test_wheel_installs_the_blockpress_namespace(tmp_path: Path) -> None:
     assert "blockpress/workers/engine.py" in names
     assert "blockpress/workers/chat_template.jinja" in names
     assert "blockpress/workers/checkpoints/tiny-calculator/model.safetensors" in names  # serve's default
-    assert "blockpress/runtime/lua/submit.lua" in names  # the queue's atomic scripts are package data
+    assert "blockpress/runtime/queue/lua/submit.lua" in names  # the queue's atomic scripts are package data
     assert not any(n.startswith(("runtime/", "workers/", "agents/")) for n in names)  # no top-level `agents`
 
     target = tmp_path / "site"
@@ -59,7 +59,7 @@ def test_wheel_installs_the_blockpress_namespace(tmp_path: Path) -> None:
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
     )
     probe = (
-        "import blockpress.runtime, blockpress.workers, blockpress.agents, blockpress.workers.settings as s; "
+        "import blockpress.runtime, blockpress.workers, blockpress.agents, blockpress.runtime.contracts.settings as s; "
         "print(blockpress.workers.__file__); print(s.DenoiseSettings(seed=1).seed)"
     )
     # -I: isolated mode, so neither the source tree nor the editable install can answer the import.

@@ -8,11 +8,11 @@ from html.parser import HTMLParser
 
 import pytest
 
-from blockpress.runtime.telemetry import Attr, SpanName
-from blockpress.runtime.tracecli import parse_since
-from blockpress.runtime.tracestats import Summary, render_comparison, render_summary, summarize
-from blockpress.runtime.tracestore import SpanEventRecord, SpanRecord
-from blockpress.runtime.traceview import canvases, largest_stage, render_html, render_text, to_json
+from blockpress.runtime.cli.trace import parse_since
+from blockpress.runtime.tracing.stats import Summary, render_comparison, render_summary, summarize
+from blockpress.runtime.tracing.store import SpanEventRecord, SpanRecord
+from blockpress.runtime.tracing.telemetry import Attr, SpanName
+from blockpress.runtime.tracing.view import canvases, largest_stage, render_html, render_text, to_json
 
 MS = 1_000_000
 

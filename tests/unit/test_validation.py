@@ -10,10 +10,11 @@ import grpc
 import pytest
 
 from blockpress.agents import errors as agent_errors
-from blockpress.runtime import errors
 from blockpress.runtime._pb import runtime_pb2 as pb
+from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.validation import (
+from blockpress.runtime.contracts import errors
+from blockpress.runtime.gateway.validation import (
     ModelCard,
     build_spec,
     check_against_model,
@@ -226,7 +227,7 @@ def test_agent_request_becomes_an_agent_spec(card: ModelCard) -> None:
 def test_an_unknown_agent_tool_is_refused_naming_the_known_ones() -> None:
     request = pb.SubmitRequest(agent=pb.AgentTask(task="add", tools=["calculator", "rm_rf"]))
     with pytest.raises(errors.InvalidArgument) as bad:
-        parse_submit(request_to_dict(request), SETTINGS)
+        parse_submit(request_to_dict(request), SETTINGS, agent_tools=server_tools(SETTINGS))
     assert bad.value.field == "agent.tools"
     assert "'rm_rf'" in bad.value.reason and "calculator" in bad.value.reason and "python" in bad.value.reason
 
@@ -234,10 +235,10 @@ def test_an_unknown_agent_tool_is_refused_naming_the_known_ones() -> None:
 def test_http_get_is_a_known_tool_only_with_allowed_hosts() -> None:
     request = pb.SubmitRequest(agent=pb.AgentTask(task="fetch", tools=["http_get"]))
     with pytest.raises(errors.InvalidArgument, match="'http_get'") as bad:
-        parse_submit(request_to_dict(request), SETTINGS)
+        parse_submit(request_to_dict(request), SETTINGS, agent_tools=server_tools(SETTINGS))
     assert bad.value.field == "agent.tools" and "http_get" not in bad.value.reason.partition("have:")[2]
     allowed = SETTINGS.model_copy(update={"agent_http_allowed_hosts": ("example.org",)})
-    assert parse_submit(request_to_dict(request), allowed).agent is not None
+    assert parse_submit(request_to_dict(request), allowed, agent_tools=server_tools(allowed)).agent is not None
 
 
 def test_an_agent_task_without_a_turn_limit_gets_the_default() -> None:
@@ -260,12 +261,7 @@ def test_an_agent_task_without_a_turn_limit_gets_the_default() -> None:
         (errors.Unauthenticated("no"), grpc.StatusCode.UNAUTHENTICATED),
         (errors.QueueFull(0.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.ServiceUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
-        (engine_errors.InvalidSettings("t_min", "bad"), grpc.StatusCode.INVALID_ARGUMENT),
-        (engine_errors.PromptTooLong(10, 8), grpc.StatusCode.INVALID_ARGUMENT),
-        (engine_errors.EngineBroken("cuda"), grpc.StatusCode.UNAVAILABLE),
-        (engine_errors.GenerationCancelled(), grpc.StatusCode.CANCELLED),
-        (agent_errors.InvalidAgentTask("agent.max_turns", "bad"), grpc.StatusCode.INVALID_ARGUMENT),
-        (agent_errors.ToolConfigError("entry point broken"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.InvalidSettings("t_min", "bad"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.TraceNotFound("j"), grpc.StatusCode.NOT_FOUND),
         (RuntimeError("secret prompt text"), grpc.StatusCode.INTERNAL),
     ],
@@ -273,9 +269,27 @@ def test_an_agent_task_without_a_turn_limit_gets_the_default() -> None:
 def test_to_status_maps_every_error(exc: BaseException, code: grpc.StatusCode) -> None:
     got, message, _ = errors.to_status(exc)
     assert got is code
-    assert errors.error_code(exc) == code.name
     if code is grpc.StatusCode.INTERNAL:
         assert "secret" not in message  # a bug's text may hold request data
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (errors.InvalidSettings("t_min", "bad"), "INVALID_ARGUMENT"),
+        (engine_errors.PromptTooLong(10, 8), "INVALID_ARGUMENT"),
+        (engine_errors.InvalidRequest("prompt: is empty"), "INVALID_ARGUMENT"),
+        (engine_errors.EngineBroken("cuda"), "UNAVAILABLE"),
+        (engine_errors.GenerationCancelled(), "CANCELLED"),
+        (engine_errors.ModelConfigError("not a checkpoint"), "FAILED_PRECONDITION"),
+        (agent_errors.InvalidAgentTask("agent.max_turns", "bad"), "INVALID_ARGUMENT"),
+        (agent_errors.ToolConfigError("entry point broken"), "FAILED_PRECONDITION"),
+        (errors.ServiceUnavailable("down"), "UNAVAILABLE"),
+        (RuntimeError("secret prompt text"), "INTERNAL"),
+    ],
+)
+def test_a_failed_job_carries_the_code_of_who_must_act(exc: BaseException, code: str) -> None:
+    assert engine_errors.error_code(exc) == code
 
 
 @pytest.mark.parametrize(
@@ -301,10 +315,10 @@ def test_from_status_gives_back_the_same_type(exc: errors.BlockPressError) -> No
         assert isinstance(back, errors.InvalidArgument) and back.field == "generation.prompt"
 
 
-def test_an_invalid_agent_task_names_its_field_on_the_wire() -> None:
-    back = errors.from_status(*errors.to_status(agent_errors.InvalidAgentTask("agent.max_turns", "must be positive")))
+def test_an_invalid_setting_names_its_field_on_the_wire() -> None:
+    back = errors.from_status(*errors.to_status(errors.InvalidSettings("agent.settings.t_min", "must be positive")))
     assert isinstance(back, errors.InvalidArgument)
-    assert back.field == "agent.max_turns" and back.reason == "must be positive"
+    assert back.field == "agent.settings.t_min" and back.reason == "must be positive"
 
 
 def test_from_status_without_our_trailer_uses_the_code() -> None:
@@ -330,7 +344,7 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_replica_and_metrics_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpress.runtime.embedded import replica_options
+    from blockpress.runtime.cli.embedded import replica_options
 
     defaults = RuntimeSettings()
     assert defaults.replica_max_sessions == 8
@@ -381,9 +395,9 @@ def test_generated_grpc_code_is_current(tmp_path: pathlib.Path) -> None:
 
 
 def test_client_tool_calls_survive_the_wire() -> None:
-    from blockpress.runtime.client import ToolCall, event_from_pb, outcome
-    from blockpress.runtime.gateway import event_to_pb
-    from blockpress.runtime.jobs import Event
+    from blockpress.runtime.contracts.jobs import Event
+    from blockpress.runtime.gateway.server import event_to_pb
+    from blockpress.runtime.sdk.client import ToolCall, event_from_pb, outcome
 
     completed = {
         "text": "Let me check.",
@@ -409,9 +423,9 @@ def test_client_tool_calls_survive_the_wire() -> None:
 
 
 def test_a_kept_span_survives_the_wire() -> None:
-    from blockpress.runtime.client import spans_from_pb
-    from blockpress.runtime.gateway import span_to_pb
-    from blockpress.runtime.tracestore import SpanEventRecord, SpanRecord
+    from blockpress.runtime.gateway.server import span_to_pb
+    from blockpress.runtime.sdk.client import spans_from_pb
+    from blockpress.runtime.tracing.store import SpanEventRecord, SpanRecord
 
     step = SpanEventRecord("step", 1_500, {"step": 1, "step_ms": 2.5, "accepted": 40})
     spans = [

@@ -7,6 +7,6 @@ held-out accuracy through the real engine.
 
 from __future__ import annotations
 
-from .data import CALCULATOR_TOOL, Problem, held_out_problems, is_held_out
+from blockpress.workers.tinytrain.data import CALCULATOR_TOOL, Problem, held_out_problems, is_held_out
 
 __all__ = ["CALCULATOR_TOOL", "Problem", "held_out_problems", "is_held_out"]

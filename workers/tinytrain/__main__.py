@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .train import TrainSettings, train
+from blockpress.workers.tinytrain.train import TrainSettings, train
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import DiffusionGemmaConfig, GenerationConfig, PreTrainedTokenizerFast
 
-from ..testing import (  # one list of special tokens, one tokenizer wrapper
+from blockpress.workers.testing import (  # one list of special tokens, one tokenizer wrapper
     SPECIAL_TOKENS,
     TINY_VISION_CONFIG,
     wrap_tokenizer,
 )
-from .data import random_samples, random_system_prompt, random_tools, render_prefix
+from blockpress.workers.tinytrain.data import random_samples, random_system_prompt, random_tools, render_prefix
 
 __all__ = ["CHAT_TEMPLATE_PATH", "SPECIAL_TOKENS", "build_generation_config", "build_model_config", "build_tokenizer"]
 

@@ -11,7 +11,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import CALCULATOR_TOOL, Problem, conversation_steps, tool_call_message, tool_result_message
+from blockpress.workers.tinytrain.data import (
+    CALCULATOR_TOOL,
+    Problem,
+    conversation_steps,
+    tool_call_message,
+    tool_result_message,
+)
 
 __all__ = ["Outcome", "Report", "evaluate", "last_number", "parse_call", "solve", "turn_accuracy"]
 

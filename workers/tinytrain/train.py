@@ -25,9 +25,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
 
-from ..hf_compat import cache_kwargs, output_cache
-from .build import build_generation_config, build_model_config, build_tokenizer
-from .data import TWO_STEP_RATE, random_samples, random_system_prompt, random_tools, render_prefix
+from blockpress.workers.hf_compat import cache_kwargs, output_cache
+from blockpress.workers.tinytrain.build import build_generation_config, build_model_config, build_tokenizer
+from blockpress.workers.tinytrain.data import (
+    TWO_STEP_RATE,
+    random_samples,
+    random_system_prompt,
+    random_tools,
+    render_prefix,
+)
 
 __all__ = ["TrainSettings", "train"]
 

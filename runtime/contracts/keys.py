@@ -2,13 +2,13 @@
 
     bp:job:<job_id>            hash     the job record (fields below); TTL once final
     bp:job:<job_id>:events     stream   the job's events; TTL once final
-    bp:job:<job_id>:ledger     hash     an agent job's turn records (blockpress.runtime.ledger)
+    bp:job:<job_id>:ledger     hash     an agent job's turn records (blockpress.workers.ledger)
     bp:queue:<model>           stream   jobs waiting for a replica of <model>; consumer group `replicas`
     bp:queued:<model>          zset     job ids still QUEUED, scored by submission time (depth, oldest age)
     bp:deadlines:<model>       zset     QUEUED job ids with a deadline, scored by it (expiry sweep)
     bp:dead:<model>            stream   dead-lettered jobs with their last error
     bp:replicas:<model>        hash     replica id -> last heartbeat (epoch seconds), for health checks
-    bp:trace:...               the trace store's keys (blockpress.runtime.tracestore)
+    bp:trace:...               the trace store's keys (blockpress.runtime.tracing.store)
 
 A deployment shares one Redis between several BlockPress installs by choosing another `prefix`.
 """

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import InvalidSettings
+from blockpress.runtime.contracts.errors import InvalidSettings
 
 __all__ = ["TRANSFORMERS_DEFAULTS", "DenoiseSettings"]
 

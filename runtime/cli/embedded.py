@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL_DIR, RuntimeSettings
-from .errors import ConfigurationError
+from blockpress.runtime.config import DEFAULT_MODEL_DIR, RuntimeSettings
+from blockpress.runtime.contracts.errors import ConfigurationError
 
 __all__ = ["OwnedRedis", "default_models", "embedded_runtime", "replica_options", "start_ray"]
 
@@ -160,6 +160,13 @@ def replica_options(settings: RuntimeSettings) -> dict[str, Any]:
     }
 
 
+def server_tools(settings: RuntimeSettings) -> list[str]:
+    """The server-side tools a replica started with `settings` offers, for the gateway to check tasks."""
+    from blockpress.agents.builtins import installed_tool_names
+
+    return installed_tool_names(http_get=bool(settings.agent_http_allowed_hosts))
+
+
 @contextlib.asynccontextmanager
 async def embedded_runtime(
     settings: RuntimeSettings, *, models: Sequence[str] | None = None, pool_options: dict[str, Any] | None = None
@@ -168,10 +175,9 @@ async def embedded_runtime(
 
     Yields the started `Gateway`; leaving the block drains and stops everything this started.
     """
+    from blockpress.runtime.gateway.server import Gateway
+    from blockpress.runtime.gateway.validation import load_model_card
     from blockpress.workers.pool import ReplicaPool
-
-    from .gateway import Gateway
-    from .validation import load_model_card
 
     paths = tuple(models) if models is not None else await asyncio.to_thread(default_models, settings)
     async with contextlib.AsyncExitStack() as stack:
@@ -181,7 +187,7 @@ async def embedded_runtime(
             redis_url = await asyncio.to_thread(owned.start)
             stack.callback(owned.stop)
         settings = settings.model_copy(update={"redis_url": redis_url})
-        from .telemetry import setup_tracing
+        from blockpress.runtime.tracing.telemetry import setup_tracing
 
         setup_tracing("blockpress-gateway", redis_url=redis_url, retention_s=settings.trace_retention_s)
         # In this thread: Ray installs its signal handlers only from the main thread.
@@ -199,7 +205,7 @@ async def embedded_runtime(
         for path in paths:
             card = await asyncio.to_thread(load_model_card, path)
             cards[card.name] = card
-        gateway = Gateway.from_settings(settings, cards)
+        gateway = Gateway.from_settings(settings, cards, agent_tools=server_tools(settings))
         await gateway.start()
         stack.push_async_callback(gateway.queue.redis.aclose)
         stack.push_async_callback(gateway.stop)

@@ -12,8 +12,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .telemetry import Attr, SpanName
-from .tracestore import SpanRecord
+from blockpress.runtime.tracing.names import Attr, SpanName
+from blockpress.runtime.tracing.store import SpanRecord
 
 __all__ = [
     "CanvasView",

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .telemetry import SpanName
-from .tracestore import SpanRecord
-from .traceview import canvases, stage_times
+from blockpress.runtime.tracing.names import SpanName
+from blockpress.runtime.tracing.store import SpanRecord
+from blockpress.runtime.tracing.view import canvases, stage_times
 
 __all__ = ["Percentiles", "Summary", "render_comparison", "render_summary", "summarize"]
 

@@ -30,10 +30,10 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from .client import AgentResult, Client, job_outcome
-from .config import RuntimeSettings
-from .errors import BlockPressError, JobError
-from .jobs import Event, EventType, new_job_id
+from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.contracts.errors import BlockPressError, JobError
+from blockpress.runtime.contracts.jobs import Event, EventType, new_job_id
+from blockpress.runtime.sdk.client import AgentResult, Client, job_outcome
 
 __all__ = ["main"]
 
@@ -70,7 +70,7 @@ async def _until_signal(stop: Callable[[], Any]) -> None:
 
 
 async def _serve(settings: RuntimeSettings) -> int:
-    from .embedded import embedded_runtime
+    from blockpress.runtime.cli.embedded import embedded_runtime
 
     async with embedded_runtime(settings) as gateway:
         print(f"blockpress serving {', '.join(gateway.cards)} on {settings.host}:{gateway.port}", flush=True)
@@ -81,10 +81,10 @@ async def _serve(settings: RuntimeSettings) -> int:
 
 
 async def _gateway(settings: RuntimeSettings) -> int:
-    from .embedded import default_models
-    from .gateway import Gateway
-    from .telemetry import setup_tracing
-    from .validation import load_model_card
+    from blockpress.runtime.cli.embedded import default_models, server_tools
+    from blockpress.runtime.gateway.server import Gateway
+    from blockpress.runtime.gateway.validation import load_model_card
+    from blockpress.runtime.tracing.telemetry import setup_tracing
 
     setup_tracing(
         "blockpress-gateway", redis_url=settings.redis_url_or_default(), retention_s=settings.trace_retention_s
@@ -94,7 +94,7 @@ async def _gateway(settings: RuntimeSettings) -> int:
     for path in default_models(settings):
         card = await asyncio.to_thread(load_model_card, path)
         cards[card.name] = card
-    gateway = Gateway.from_settings(settings, cards)
+    gateway = Gateway.from_settings(settings, cards, agent_tools=server_tools(settings))
     await gateway.start()
     print(f"blockpress gateway on {settings.host}:{gateway.port}", flush=True)
     try:
@@ -105,9 +105,8 @@ async def _gateway(settings: RuntimeSettings) -> int:
 
 
 def _replicas(settings: RuntimeSettings) -> int:
+    from blockpress.runtime.cli.embedded import default_models, replica_options, start_ray
     from blockpress.workers.pool import ReplicaPool
-
-    from .embedded import default_models, replica_options, start_ray
 
     started_ray = start_ray(settings.ray_address)
     pools = []
@@ -262,7 +261,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .embedded import embedded_runtime
+    from blockpress.runtime.cli.embedded import embedded_runtime
 
     with tempfile.TemporaryDirectory(prefix="blockpress-demo-") as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
@@ -338,8 +337,8 @@ def _demo_agent(address: str, args: argparse.Namespace) -> bool:
 
 def _demo_trace(*, client_address: str, job_id: str) -> None:
     """The agent task's waterfall, as `blockpress trace JOB_ID` shows it."""
-    from .errors import NotFound
-    from .traceview import render_text
+    from blockpress.runtime.contracts.errors import NotFound
+    from blockpress.runtime.tracing.view import render_text
 
     print("\n=== where the agent task's time went (blockpress trace) ===", flush=True)
     spans: list[Any] = []
@@ -429,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", help="keep the demo's Redis data here (default: a temporary directory)")
     try:
         # One job's trace comes through the gateway's GetTrace (`Client.trace`), `stats` from Redis.
-        from .tracecli import add_trace_commands
+        from blockpress.runtime.cli.trace import add_trace_commands
 
         add_trace_commands(sub)
     except ImportError:  # the trace inspector is optional
@@ -474,6 +473,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

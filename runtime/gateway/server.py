@@ -17,7 +17,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -29,19 +29,31 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from ._pb import runtime_pb2 as pb
-from ._pb import runtime_pb2_grpc as pb_grpc
-from .config import RuntimeSettings
-from .errors import InvalidArgument, ServiceUnavailable, TraceNotFound, Unauthenticated, to_status
-from .jobs import Event, JobRecord, JobSpec, JobState, new_job_id
-from .queue import JobQueue
-from .validation import ModelCard, build_spec, check_against_model, parse_submit, request_to_dict
+from blockpress.runtime._pb import runtime_pb2 as pb
+from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
+from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.contracts.errors import (
+    InvalidArgument,
+    ServiceUnavailable,
+    TraceNotFound,
+    Unauthenticated,
+    to_status,
+)
+from blockpress.runtime.contracts.jobs import Event, JobRecord, JobSpec, JobState, new_job_id
+from blockpress.runtime.gateway.validation import (
+    ModelCard,
+    build_spec,
+    check_against_model,
+    parse_submit,
+    request_to_dict,
+)
+from blockpress.runtime.queue.jobqueue import JobQueue
 
 if TYPE_CHECKING:
-    from .tracestore import SpanRecord, TraceStore
+    from blockpress.runtime.tracing.store import SpanRecord, TraceStore
 
 try:  # the traces engineer's module; the gateway serves without it
-    from . import telemetry as _telemetry
+    from blockpress.runtime import telemetry as _telemetry
 except ImportError:  # pragma: no cover - only in a partial install
     _telemetry = None  # type: ignore[assignment]
 
@@ -339,6 +351,8 @@ class Gateway:
         tracer: where gateway spans go; default the global BlockPress tracer.
         trace_store: where `GetTrace` reads kept spans; default the store in `settings`' Redis, opened
             at the first `GetTrace`.
+        agent_tools: the server-side tools the replicas offer, so that an agent task naming another is
+            refused before it is queued; None leaves that check to the replica.
     """
 
     def __init__(
@@ -349,12 +363,14 @@ class Gateway:
         *,
         tracer: trace.Tracer | None = None,
         trace_store: TraceStore | None = None,
+        agent_tools: Collection[str] | None = None,
     ) -> None:
         if not cards:
             raise ValueError("a gateway needs at least one model")
         self.settings = settings
         self.queue = queue
         self.cards = dict(cards)
+        self.agent_tools = None if agent_tools is None else frozenset(agent_tools)
         self.default_model = next(iter(self.cards))
         self.draining = False
         self.port = 0
@@ -377,7 +393,7 @@ class Gateway:
         """Validates a submit request and turns it into the job to queue; raises the error to answer."""
         if self.draining:
             raise ServiceUnavailable("the gateway is draining; retry on another gateway")
-        parsed = parse_submit(request_to_dict(request), self.settings)
+        parsed = parse_submit(request_to_dict(request), self.settings, agent_tools=self.agent_tools)
         card = check_against_model(parsed, self.cards, self.default_model)
         if not self._live.get(card.name) and not await self._refresh_live(card.name):
             raise ServiceUnavailable(f"no replica of model {card.name!r} is live; retry shortly")
@@ -410,7 +426,7 @@ class Gateway:
         if self._traces is None:
             import redis
 
-            from .tracestore import TraceStore
+            from blockpress.runtime.tracing.store import TraceStore
 
             url = self.settings.redis_url_or_default()
             self._trace_client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
@@ -464,7 +480,7 @@ class Gateway:
         self._server = server
         self._monitor = asyncio.create_task(self._watch_health(), name="gateway-health")
         if self.settings.gateway_metrics_port is not None:
-            from .metrics import sample_queues, start_metrics_server
+            from blockpress.runtime.metrics import sample_queues, start_metrics_server
 
             self._metrics_server = start_metrics_server(self.settings.gateway_metrics_port, host=self.settings.host)
             self.metrics_port = int(self._metrics_server.server_port)
@@ -524,7 +540,9 @@ class Gateway:
             await self._check_health()
 
     @classmethod
-    def from_settings(cls, settings: RuntimeSettings, cards: Mapping[str, ModelCard]) -> Gateway:
+    def from_settings(
+        cls, settings: RuntimeSettings, cards: Mapping[str, ModelCard], *, agent_tools: Collection[str] | None = None
+    ) -> Gateway:
         """A gateway with its own Redis client and queue, as the CLI runs it."""
         client = aioredis.Redis.from_url(settings.redis_url_or_default())
         queue = JobQueue(
@@ -533,4 +551,4 @@ class Gateway:
             lease_s=settings.lease_s,
             max_deliveries=settings.max_deliveries,
         )
-        return cls(settings, queue, cards)
+        return cls(settings, queue, cards, agent_tools=agent_tools)

@@ -21,9 +21,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from .tracestats import Summary, render_comparison, render_summary, summarize
-from .tracestore import SpanRecord, TraceStore
-from .traceview import render_html, render_text, to_json
+from blockpress.runtime.tracing.stats import Summary, render_comparison, render_summary, summarize
+from blockpress.runtime.tracing.store import SpanRecord, TraceStore
+from blockpress.runtime.tracing.view import render_html, render_text, to_json
 
 __all__ = ["add_trace_commands", "parse_since", "run_trace"]
 
@@ -75,7 +75,7 @@ def run_trace(args: argparse.Namespace, *, store: TraceStore | None = None, out:
     """Run `blockpress trace` for parsed arguments; returns the exit status."""
     out = out or sys.stdout
     if store is None and (args.redis_url or args.target == "stats"):
-        from .config import RuntimeSettings
+        from blockpress.runtime.config import RuntimeSettings
 
         # Settings fields all have defaults; mypy without the pydantic plugin cannot see that.
         settings = RuntimeSettings()  # type: ignore[call-arg]
@@ -101,8 +101,8 @@ def run_trace(args: argparse.Namespace, *, store: TraceStore | None = None, out:
 
 
 def _from_gateway(args: argparse.Namespace) -> list[SpanRecord]:
-    from .client import Client
-    from .errors import NotFound
+    from blockpress.runtime.contracts.errors import NotFound
+    from blockpress.runtime.sdk.client import Client
 
     with Client(getattr(args, "address", None), api_key=getattr(args, "api_key", None)) as client:
         try:

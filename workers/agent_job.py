@@ -14,15 +14,15 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from .builtins import builtin_tools
-from .engine_model import EngineModel, TemplatePolicy, TurnStats
-from .errors import InvalidAgentTask
-from .events import AgentEvent, ToolCalled, ToolReturned, TurnStarted
-from .ledger import InMemoryLedger, Ledger
-from .loop import AgentLoop
-from .model import AgentModel
-from .task import AgentTask
-from .tools import ToolRegistry
+from blockpress.agents.builtins import builtin_tools
+from blockpress.agents.errors import InvalidAgentTask
+from blockpress.agents.events import AgentEvent, ToolCalled, ToolReturned, TurnStarted
+from blockpress.agents.ledger import InMemoryLedger, Ledger
+from blockpress.agents.loop import AgentLoop
+from blockpress.agents.model import AgentModel
+from blockpress.agents.task import AgentTask
+from blockpress.agents.tools import ToolRegistry
+from blockpress.workers.agent_model import EngineModel, TemplatePolicy, TurnStats
 
 if TYPE_CHECKING:
     from blockpress.workers import CanvasEvent, DiffusionEngine
@@ -89,7 +89,7 @@ def run_agent_job(
 
     Args:
         registry: the replica's tools; default: the built-ins and the `blockpress.tools` entry points.
-        ledger: the job's turn records; pass a `blockpress.runtime.ledger.RedisLedger` for this
+        ledger: the job's turn records; pass a `blockpress.workers.ledger.RedisLedger` for this
             attempt so that a redelivery resumes. Default: in memory (a redelivery starts over).
 
     Raises:

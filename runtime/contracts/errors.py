@@ -3,13 +3,13 @@
     BlockPressError
     ├── RequestError             the caller must change the request
     │   ├── InvalidArgument      INVALID_ARGUMENT: names the field and the reason
+    │   │   └── InvalidSettings  a denoising setting out of range (the field is the setting's name)
     │   ├── NotFound             NOT_FOUND
     │   │   ├── ModelNotFound
     │   │   ├── JobNotFound
     │   │   └── TraceNotFound
     │   ├── JobFinished          FAILED_PRECONDITION: cancelling a job that has already ended
-    │   ├── Unauthenticated      UNAUTHENTICATED: API keys are configured and none or a wrong one came
-    │   └── PermissionDenied     PERMISSION_DENIED
+    │   └── Unauthenticated      UNAUTHENTICATED: API keys are configured and none or a wrong one came
     ├── QueueFull                RESOURCE_EXHAUSTED: the caller should retry after `retry_after_s`
     ├── ServiceUnavailable       UNAVAILABLE: Redis or every replica is down, or the gateway is draining
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's deadline passed before the answer
@@ -19,9 +19,10 @@
         ├── JobCancelled
         └── JobExpired
 
-This module is the one place that maps exceptions to gRPC status codes, the engine's
-(`blockpress.workers.errors`) and the agent layer's (`blockpress.agents.errors`) included: `to_status`
-on the server, `from_status` in the SDK. The exact class travels in the trailing metadata key
+This module is the one place that maps exceptions to gRPC status codes: `to_status` on the server,
+`from_status` in the SDK. (A replica maps the engine's and the agent layer's errors to the code a
+job's `failed` event carries in `blockpress.workers.errors.error_code`.) The exact class travels in
+the trailing metadata key
 `blockpress-error`, so the SDK raises what the gateway raised.
 """
 
@@ -31,14 +32,12 @@ from collections.abc import Sequence
 
 import grpc
 
-from blockpress.agents import errors as _agents
-from blockpress.workers import errors as _engine
-
 __all__ = [
     "BlockPressError",
     "ConfigurationError",
     "DeadlineExceeded",
     "InvalidArgument",
+    "InvalidSettings",
     "JobCancelled",
     "JobError",
     "JobExpired",
@@ -47,13 +46,11 @@ __all__ = [
     "JobNotFound",
     "ModelNotFound",
     "NotFound",
-    "PermissionDenied",
     "QueueFull",
     "RequestError",
     "ServiceUnavailable",
     "TraceNotFound",
     "Unauthenticated",
-    "error_code",
     "from_status",
     "to_status",
 ]
@@ -88,6 +85,10 @@ class InvalidArgument(RequestError, ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class InvalidSettings(InvalidArgument):
+    """A denoising setting is unknown or out of range; `field` is the setting's name."""
 
 
 class NotFound(RequestError):
@@ -126,10 +127,6 @@ class JobFinished(RequestError):
 
 class Unauthenticated(RequestError):
     code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(RequestError):
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class QueueFull(BlockPressError):
@@ -192,36 +189,14 @@ class JobExpired(JobError):
     state = "EXPIRED"
 
 
-# Engine and agent errors by who must act: the caller (INVALID_ARGUMENT), the operator
-# (FAILED_PRECONDITION), or nobody but a retry.
-_ENGINE_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (_engine.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (_agents.InvalidAgentTask, grpc.StatusCode.INVALID_ARGUMENT),
-    (_agents.ToolConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-    (_engine.ModelConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-    (_engine.GenerationCancelled, grpc.StatusCode.CANCELLED),
-    (_engine.EngineBroken, grpc.StatusCode.UNAVAILABLE),
-)
-
-
 def _status_code(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, BlockPressError):
-        return exc.code
-    for kind, code in _ENGINE_CODES:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def error_code(exc: BaseException) -> str:
-    """The status code name a job's `failed` event carries for `exc` (INVALID_ARGUMENT, ...)."""
-    return _status_code(exc).name
+    return exc.code if isinstance(exc, BlockPressError) else grpc.StatusCode.INTERNAL
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """The status code, details and trailing metadata a gateway answers with for `exc`.
 
-    Anything that is not one of ours or the engine's is a bug in the runtime: INTERNAL, with the
+    Anything that is not one of ours is a bug in the runtime: INTERNAL, with the
     exception's type but not its text, which may hold request data.
     """
     code = _status_code(exc)
@@ -235,7 +210,7 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
         message = str(exc)
     if isinstance(exc, QueueFull):
         trailers.append((RETRY_AFTER_KEY, str(round(exc.retry_after_s * 1000))))
-    if isinstance(exc, InvalidArgument | _engine.InvalidSettings | _engine.PromptTooLong | _agents.InvalidAgentTask):
+    if isinstance(exc, InvalidArgument):
         trailers.append(("blockpress-field", exc.field))
     return code, message, tuple(trailers)
 
@@ -249,7 +224,6 @@ _BY_NAME: dict[str, type[BlockPressError]] = {
         TraceNotFound,
         JobFinished,
         Unauthenticated,
-        PermissionDenied,
         QueueFull,
         ServiceUnavailable,
         DeadlineExceeded,
@@ -261,7 +235,6 @@ _BY_CODE: dict[grpc.StatusCode, type[BlockPressError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: JobFinished,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

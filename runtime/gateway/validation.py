@@ -10,21 +10,18 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from blockpress.agents.builtins import installed_tool_names
-from blockpress.workers.errors import InvalidSettings
-from blockpress.workers.settings import TRANSFORMERS_DEFAULTS, DenoiseSettings
-
-from ._pb import runtime_pb2 as pb
-from .config import RuntimeSettings, model_name
-from .errors import InvalidArgument, ModelNotFound
-from .jobs import JobSpec
+from blockpress.runtime._pb import runtime_pb2 as pb
+from blockpress.runtime.config import RuntimeSettings, model_name
+from blockpress.runtime.contracts.errors import InvalidArgument, InvalidSettings, ModelNotFound
+from blockpress.runtime.contracts.jobs import JobSpec
+from blockpress.runtime.contracts.settings import TRANSFORMERS_DEFAULTS, DenoiseSettings
 
 __all__ = [
     "AgentIn",
@@ -216,8 +213,14 @@ def _reason(msg: str) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
-def parse_submit(raw: dict[str, Any], settings: RuntimeSettings) -> SubmitIn:
-    """Validates a request's shape and size (no model needed), raising `InvalidArgument`."""
+def parse_submit(
+    raw: dict[str, Any], settings: RuntimeSettings, *, agent_tools: Collection[str] | None = None
+) -> SubmitIn:
+    """Validates a request's shape and size (no model needed), raising `InvalidArgument`.
+
+    `agent_tools` are the server-side tools the replicas offer; an agent task naming another is
+    refused here. None leaves that check to the replica.
+    """
     try:
         request = SubmitIn.model_validate(raw)
     except ValidationError as exc:
@@ -238,9 +241,9 @@ def parse_submit(raw: dict[str, Any], settings: RuntimeSettings) -> SubmitIn:
     else:
         if not body.task.strip() and not body.messages:
             raise InvalidArgument("agent.task", "is empty; send a task or at least one message")
-        known = _agent_tools(http_get=bool(settings.agent_http_allowed_hosts))
-        unknown = [name for name in body.tools if name not in known]
+        unknown = [name for name in body.tools if agent_tools is not None and name not in agent_tools]
         if unknown:
+            known = sorted(agent_tools or ())
             raise InvalidArgument(
                 "agent.tools", f"unknown tool {unknown[0]!r}; the replicas have: {', '.join(known) or 'none'}"
             )
@@ -261,12 +264,6 @@ def parse_submit(raw: dict[str, Any], settings: RuntimeSettings) -> SubmitIn:
     except InvalidSettings as exc:
         raise InvalidArgument(f"{where}.settings.{exc.field}", exc.reason) from None
     return request
-
-
-@cache
-def _agent_tools(*, http_get: bool) -> tuple[str, ...]:
-    # Entry points are read once per gateway process, as each replica loads them once at its start.
-    return tuple(installed_tool_names(http_get=http_get))
 
 
 def check_against_model(request: SubmitIn, cards: dict[str, ModelCard], default: str) -> ModelCard:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .model import AgentModel, Message, TurnChunk
-from .toolcalls import CALL_OPEN
+from blockpress.agents.model import AgentModel, Message, TurnChunk
+from blockpress.agents.toolcalls import CALL_OPEN
 
 if TYPE_CHECKING:
     from blockpress.workers import CanvasEvent, DenoiseSettings, DiffusionEngine

@@ -12,7 +12,7 @@
 
 Every job gets a job id chosen here unless the caller gives one, so a call retried after UNAVAILABLE
 (a gateway restart, no replica yet) is the same job, never a second one; a broken event stream resumes
-from the last event it delivered. Errors are `blockpress.runtime.errors` types carrying the status code
+from the last event it delivered. Errors are `blockpress.runtime.contracts.errors` types carrying the status code
 and the gateway's message; a job that ran and did not succeed raises a `JobError`.
 """
 
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import json_format
 
-from ._pb import runtime_pb2 as pb
-from ._pb import runtime_pb2_grpc as pb_grpc
-from .config import DEFAULT_ADDRESS
-from .errors import (
+from blockpress.runtime._pb import runtime_pb2 as pb
+from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
+from blockpress.runtime.config import DEFAULT_ADDRESS
+from blockpress.runtime.contracts.errors import (
     BlockPressError,
     DeadlineExceeded,
     InvalidArgument,
@@ -42,10 +42,10 @@ from .errors import (
     JobFailed,
     from_status,
 )
-from .jobs import Event, EventType, JobState, new_job_id
+from blockpress.runtime.contracts.jobs import Event, EventType, JobState, new_job_id
 
 if TYPE_CHECKING:
-    from .tracestore import SpanRecord
+    from blockpress.runtime.tracing.store import SpanRecord
 
 __all__ = [
     "AgentResult",
@@ -275,8 +275,8 @@ def job_outcome(job_id: str, events: Sequence[Event]) -> Result:
 
 
 def spans_from_pb(trace: pb.Trace) -> list[SpanRecord]:
-    """A `GetTrace` answer as the trace store's records, which `blockpress.runtime.traceview` renders."""
-    from .tracestore import SpanEventRecord, SpanRecord
+    """A `GetTrace` answer as the trace store's records, which `blockpress.runtime.tracing.view` renders."""
+    from blockpress.runtime.tracing.store import SpanEventRecord, SpanRecord
 
     out = []
     for s in trace.spans:
@@ -501,7 +501,7 @@ class Client:
     def trace(self, job_id: str) -> list[SpanRecord]:
         """The spans the runtime kept for a job's trace, ordered by start time.
 
-        Render them with `blockpress.runtime.traceview` (`render_text`, `render_html`). Raises
+        Render them with `blockpress.runtime.tracing.view` (`render_text`, `render_html`). Raises
         `NotFound` when none is kept (unknown job, tracing off, or past retention).
         """
         return spans_from_pb(self._call(self._stub.GetTrace, pb.GetTraceRequest(job_id=job_id), None))

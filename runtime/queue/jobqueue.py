@@ -50,9 +50,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import JobFinished, JobNotFound, QueueFull
-from .jobs import FINAL_EVENT_TYPES, Event, JobRecord, JobSpec, JobState, dumps, loads
-from .keys import GROUP, JobField, Keys
+from blockpress.runtime.contracts.errors import JobFinished, JobNotFound, QueueFull
+from blockpress.runtime.contracts.jobs import FINAL_EVENT_TYPES, Event, JobRecord, JobSpec, JobState, dumps, loads
+from blockpress.runtime.contracts.keys import GROUP, JobField, Keys
 
 __all__ = ["TRANSIENT_ERRORS", "Claim", "JobQueue"]
 

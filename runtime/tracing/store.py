@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .telemetry import Attr
+from blockpress.runtime.tracing.names import Attr
 
 __all__ = ["SpanEventRecord", "SpanRecord", "TraceStore", "TraceStoreProcessor"]
 

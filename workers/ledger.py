@@ -16,9 +16,8 @@ import redis
 
 from blockpress.agents.errors import Superseded
 from blockpress.agents.ledger import Ledger
-
-from .jobs import dumps, loads
-from .keys import JobField, Keys
+from blockpress.runtime.contracts.jobs import dumps, loads
+from blockpress.runtime.contracts.keys import JobField, Keys
 
 __all__ = ["RedisLedger"]
 

@@ -1,0 +1,1 @@
+"""The gRPC gateway: validation at the edge, admission, queueing, and streams of a job's events."""

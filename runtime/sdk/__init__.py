@@ -1,0 +1,1 @@
+"""The Python SDK: `AsyncClient` and `Client` over the gateway's gRPC API."""
