@@ -31,9 +31,10 @@ import torch
 from opentelemetry import trace
 
 from blockpress.runtime.tracing.store import TraceStoreProcessor
-from blockpress.runtime.tracing.telemetry import SpanName, TracedEngine, setup_tracing, trace_stream
+from blockpress.runtime.tracing.telemetry import SpanName, setup_tracing
 from blockpress.workers import DenoiseSettings, DiffusionEngine
 from blockpress.workers.testing import build_tiny_checkpoint
+from blockpress.workers.traced import TracedEngine, trace_stream
 
 CPU_CONFIG: dict[str, Any] = {
     "vocab_size": 8192,

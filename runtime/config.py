@@ -13,12 +13,11 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_ADDRESS", "DEFAULT_MODEL_DIR", "DEFAULT_REDIS_URL", "RuntimeSettings", "model_name"]
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_REDIS_URL", "RuntimeSettings", "model_name"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The tiny checkpoint the project trains and ships, so that `blockpress serve` works from a fresh clone.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "workers" / "checkpoints" / "tiny-calculator"
 
 
 def model_name(path_or_id: str) -> str:
@@ -92,6 +91,12 @@ class RuntimeSettings(BaseSettings):
     replica_max_sessions: int = Field(default=8, ge=0)
     """Client sessions (engine KV caches for a `session_id`) each replica keeps, least recently used
     dropped first; 0 keeps none, so every turn prefills its whole prompt."""
+    replica_torch_threads: int | None = Field(default=None, ge=1, le=1024)
+    """Intra-op threads of each CPU replica's torch; None leaves torch's default (every core). Set it
+    to cores / replicas when several CPU replicas share a machine, so they do not fight for cores."""
+    agent_pin: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """Text pinned at the start of agent turns, as `module:function` returning a TemplatePolicy (e.g.
+    `blockpress.workers.agent_model:pin_tool_call_skeleton`); None pins nothing."""
     replica_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Port each replica serves Prometheus `/metrics` on; 0 picks a free port per replica (several on one
     machine); None (default) serves none."""
@@ -107,10 +112,6 @@ class RuntimeSettings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
-
-    def model_paths(self) -> tuple[str, ...]:
-        """The models to serve, with the shipped default when none is configured."""
-        return self.models or (str(DEFAULT_MODEL_DIR),)
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL

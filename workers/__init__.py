@@ -1,7 +1,7 @@
 """BlockPress workers: the DiffusionGemma engine and the replicas that run it.
 
-The engine's names load lazily so that `blockpress.workers.errors` and `.settings`, which the gateway
-uses to validate requests, import without torch.
+The engine's names load lazily, so that the seam (`Engine`), the fake engine (`FakeEngine`) and the
+errors import without torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from blockpress.workers.errors import EngineError, GenerationCancelled, InvalidR
 
 if TYPE_CHECKING:
     from blockpress.workers.engine import DiffusionEngine
+    from blockpress.workers.protocol import Engine
     from blockpress.workers.session import EngineSession
+    from blockpress.workers.testing import FakeEngine
     from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult
 
 __all__ = [
@@ -23,8 +25,10 @@ __all__ = [
     "DiffusionEngine",
     "DraftEvent",
     "EndEvent",
+    "Engine",
     "EngineError",
     "EngineSession",
+    "FakeEngine",
     "GenerationCancelled",
     "GenerationResult",
     "InvalidRequest",
@@ -34,6 +38,8 @@ __all__ = [
 
 _LAZY = {
     "DiffusionEngine": ".engine",
+    "Engine": ".protocol",
+    "FakeEngine": ".testing",
     "EngineSession": ".session",
     "CanvasEvent": ".types",
     "CanvasStats": ".types",

@@ -1,4 +1,4 @@
-"""The `AgentModel` backed by a `DiffusionEngine`, with the conversation's KV cache kept warm.
+"""The `AgentModel` backed by an `Engine`, with the conversation's KV cache kept warm.
 
 Each turn renders the whole conversation with the checkpoint's chat template and hands it to the
 engine with one `EngineSession`: the session holds the previous prompt (and every canvas but the
@@ -13,13 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockpress.agents.model import AgentModel, Message, TurnChunk
 from blockpress.agents.toolcalls import CALL_OPEN
-
-if TYPE_CHECKING:
-    from blockpress.workers import CanvasEvent, DenoiseSettings, DiffusionEngine
+from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.workers.protocol import Engine
+from blockpress.workers.types import CanvasEvent
 
 __all__ = ["EngineModel", "TurnStats", "pin_tool_call_skeleton"]
 
@@ -67,7 +67,7 @@ class EngineModel(AgentModel):
 
     def __init__(
         self,
-        engine: DiffusionEngine,
+        engine: Engine,
         settings: DenoiseSettings | None = None,
         *,
         cancel: Callable[[], bool] | threading.Event | None = None,
@@ -91,8 +91,6 @@ class EngineModel(AgentModel):
         *,
         max_new_tokens: int | None = None,
     ) -> Iterator[TurnChunk]:
-        from blockpress.workers import CanvasEvent  # the engine's types only; torch stays out of agents/
-
         prompt = self._engine.apply_chat_template([dict(m) for m in messages], tools=list(tools) or None)
         settings = self._settings
         if max_new_tokens is not None and settings.max_new_tokens is not None:

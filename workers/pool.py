@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
+from blockpress.workers.faults import FaultInjector
 from blockpress.workers.replica import Replica
 
 __all__ = ["ReplicaPool"]
@@ -33,7 +34,7 @@ class ReplicaPool:
         queue_options: `JobQueue` keyword arguments every replica uses (lease_s, max_deliveries, ...).
         device, dtype: engine placement; with `device` other than "cpu" and a GPU in the cluster, each
             replica asks Ray for one GPU.
-        env: environment variables of the replicas' processes (e.g. `BLOCKPRESS_TEST_FAULTS`).
+        env: environment variables of the replicas' processes (e.g. `PYTHONPATH` for tool plugins).
         name_prefix: actor names are `<prefix><model>-<i>`.
         torch_threads: intra-op threads per CPU replica; None leaves torch's default.
         max_sessions: client sessions (KV caches) each replica keeps, least recently used dropped.
@@ -42,6 +43,8 @@ class ReplicaPool:
         agent_pin: the pin policy of agent turns, as `module:function` (see `Replica`).
         http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
         trace_retention_s: how long the trace store keeps the replicas' spans; None: its default.
+        faults: fault hooks every replica's job loop calls, for fault tests (e.g.
+            `blockpress.workers.testing.PromptFaults()`); None (default) makes no fault checks.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class ReplicaPool:
         agent_pin: str | None = None,
         http_allowed_hosts: Sequence[str] = (),
         trace_retention_s: float | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
         from blockpress.runtime.config import model_name
 
@@ -78,6 +82,7 @@ class ReplicaPool:
             "agent_pin": agent_pin,
             "http_allowed_hosts": tuple(http_allowed_hosts),
             "trace_retention_s": trace_retention_s,
+            "faults": faults,
         }
         self._env = dict(env or {})
         self._prefix = name_prefix

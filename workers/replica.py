@@ -22,8 +22,14 @@ import ray
 import redis
 import redis.asyncio as aioredis
 
+from blockpress.agents.builtins import http_get_tool
 from blockpress.runtime.queue.jobqueue import Claim, JobQueue
+from blockpress.runtime.tracing.telemetry import setup_tracing
+from blockpress.workers.agent_job import default_registry
+from blockpress.workers.faults import FaultInjector
+from blockpress.workers.ledger import RedisLedger
 from blockpress.workers.runner import JobRunner
+from blockpress.workers.traced import TracedEngine
 
 __all__ = ["Replica"]
 
@@ -50,6 +56,7 @@ class Replica:
             of agent turns. None pins nothing.
         http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
         trace_retention_s: how long the trace store keeps this replica's spans; None: its default.
+        faults: fault hooks for the job loop, installed by fault tests only; None makes no checks.
     """
 
     def __init__(
@@ -67,8 +74,9 @@ class Replica:
         agent_pin: str | None = None,
         http_allowed_hosts: Sequence[str] = (),
         trace_retention_s: float | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
-        from blockpress.workers.engine import DiffusionEngine
+        from blockpress.workers.engine import DiffusionEngine  # torch: loaded in the actor, not by the pool
 
         if torch_threads:
             import torch
@@ -76,7 +84,7 @@ class Replica:
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
         self.started_at = time.time()
-        engine: Any = DiffusionEngine.from_pretrained(model_path, device=device, dtype=dtype)
+        engine = DiffusionEngine.from_pretrained(model_path, device=device, dtype=dtype)
         self.model = engine.model_name
         self.engine_info = {
             "model": engine.model_name,
@@ -85,17 +93,12 @@ class Replica:
             "dtype": engine.dtype,
             "device": engine.device,
         }
-        try:
-            from blockpress.runtime.tracing.telemetry import TracedEngine, setup_tracing
-
-            # This actor is its own process: its spans go to the trace store beside the queue (and to
-            # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
-            retention = {} if trace_retention_s is None else {"retention_s": trace_retention_s}
-            setup_tracing("blockpress-replica", redis_url=redis_url, **retention)
-            engine = TracedEngine(engine)
-        except ImportError:  # tracing is optional for the loop; the engine works the same
-            pass
-        self._engine = engine
+        # This actor is its own process: its spans go to the trace store beside the queue (and to
+        # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+        retention = {} if trace_retention_s is None else {"retention_s": trace_retention_s}
+        setup_tracing("blockpress-replica", redis_url=redis_url, **retention)
+        self._engine = TracedEngine(engine)
+        self._faults = faults
         self._agent_options = _agent_options(agent_pin, http_allowed_hosts)
         self.metrics_port: int | None = None
         if metrics_port is not None:
@@ -105,7 +108,7 @@ class Replica:
         self._max_sessions = max_sessions
         self._redis_url = redis_url
         self._queue_options = dict(queue_options or {})
-        self._runner: Any = None
+        self._runner: JobRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -134,6 +137,7 @@ class Replica:
                 replica_id=self.replica_id,
                 agent_options=_per_claim(self._agent_options, sync_client, queue),
                 max_sessions=self._max_sessions,
+                faults=self._faults,
             )
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
@@ -172,11 +176,6 @@ def _agent_options(pin: str | None, http_allowed_hosts: Sequence[str] = ()) -> d
     starts, so that a plugin that fails to import stops the replica at once with its name rather than
     failing its first agent job.
     """
-    try:
-        from blockpress.agents.builtins import http_get_tool
-        from blockpress.workers.agent_job import default_registry
-    except ImportError:  # an install without the agent layer serves generations only
-        return {}
     registry = default_registry()
     if http_allowed_hosts:  # off unless the operator allowed some hosts, as `builtin_tools` has it
         registry.register(http_get_tool(http_allowed_hosts))
@@ -189,8 +188,4 @@ def _agent_options(pin: str | None, http_allowed_hosts: Sequence[str] = ()) -> d
 
 def _per_claim(shared: dict[str, Any], client: redis.Redis, queue: JobQueue) -> Callable[[Claim], dict[str, Any]]:
     """Agent jobs record their turns in Redis, fenced by attempt, so a redelivery resumes them."""
-    try:
-        from blockpress.workers.ledger import RedisLedger
-    except ImportError:
-        return lambda claim: dict(shared)
     return lambda claim: {**shared, "ledger": RedisLedger(client, claim.job_id, claim.attempt, keys=queue.keys)}

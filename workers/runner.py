@@ -1,35 +1,19 @@
-"""Runs jobs from the queue on one engine: the loop inside every replica, free of Ray.
+"""`JobRunner`: claims jobs of one model and runs them on one engine; the loop inside every replica.
 
-Per job: the queue's `claim` has already written `started` (attempt, replica). The engine streams in a
-worker thread; committed canvases become `canvas` events, denoising steps become throttled `draft`
-events when the job asked for them, and the end becomes one final write (`finish`). Beside the engine a
-watcher renews the lease every `lease_s / 3` and polls the cancel flag every `cancel_poll_s`; either a
-cancel or a lost lease sets the `threading.Event` the engine checks before every denoising step.
+Per job: the queue's `claim` has already written `started` (attempt, replica). The job runs in a worker
+thread (a generation in `generation.run_generation`, an agent task in `agent_job.run_agent_job`);
+committed canvases become `canvas` events, denoising steps become throttled `draft` events when the job
+asked for them, and the end becomes one final write (`finish`). Beside it a watcher renews the lease
+every `lease_s / 3` and polls the cancel flag every `cancel_poll_s`; either a cancel or a lost lease
+sets the `threading.Event` the engine checks before every denoising step.
 
 Outcomes: SUCCEEDED with the `completed` payload; FAILED (`INVALID_ARGUMENT`) for a request the engine
 refuses; CANCELLED; nothing at all when the lease was lost (the newer attempt owns the job). An
 `EngineBroken` (CUDA error, out of memory) calls `on_broken`, which by default ends the process so
 that Ray starts a fresh replica; the job is redelivered once its lease expires.
 
-Client-side tool calls: a generation whose `JobSpec.tools` is set renders its messages with those tools
-and stops at the first committed canvas that completes a tool call; the `completed` payload then has
-`stop_reason` "tool_call" and `tool_calls: [{name, arguments}]` (always present, maybe empty, when tools
-were sent). A `session_id` keeps the generation's `EngineSession` in a bounded LRU (`max_sessions`), so
-the conversation's next job, whose prompt extends this one, prefills only its new tokens
-(`usage.prefilled_tokens` says how many the encoder ran).
-
-After the final write the job is counted in the process's Prometheus metrics (state; for a generation
-also steps per canvas, tokens per second, time to first canvas) and its `replica.run` span gets the
-final state, stop reason and token counts.
-
-Agent jobs (`kind == "agent"`) go to `blockpress.agents.run_agent_job(engine, spec, *, emit, cancel)`,
-called in the worker thread; it returns the `completed` payload, calls `emit(type, data)` for its
-events and raises `InvalidRequest` for bad input. Without it the job fails with UNIMPLEMENTED.
-
-Fault injection for tests, active only when the replica's environment has `BLOCKPRESS_TEST_FAULTS=1`:
-a generation whose prompt starts with `@fault:crash` ends the process on every attempt,
-`@fault:crash-first` only on attempt 1, and `@fault:exit-before-ack` writes its result, then ends the
-process before the stream entry is acknowledged.
+After the final write the job is counted in the process's Prometheus metrics and its `replica.run`
+span gets the final state, stop reason and token counts (`instrument`).
 """
 
 from __future__ import annotations
@@ -42,25 +26,29 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from blockpress.agents.errors import MalformedToolCall
-from blockpress.agents.toolcalls import has_complete_call, parse_turn
-from blockpress.runtime.contracts.jobs import EventType, JobState
-from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.agents.errors import Superseded
+from blockpress.runtime.contracts.events import PAYLOAD_TYPES, Canvas, Completed, Draft, to_data
+from blockpress.runtime.contracts.jobs import JobState
 from blockpress.runtime.queue.jobqueue import TRANSIENT_ERRORS, Claim, JobQueue
-from blockpress.workers.errors import EngineBroken, GenerationCancelled, InvalidRequest
-from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
+from blockpress.workers.agent_job import run_agent_job
+from blockpress.workers.errors import GenerationCancelled, error_code
+from blockpress.workers.faults import FaultInjector
+from blockpress.workers.generation import Generation, run_generation
+from blockpress.workers.instrument import describe, record_metrics, replica_span
+from blockpress.workers.outcome import NOT_OURS, Ending, is_broken
+from blockpress.workers.protocol import Engine
+from blockpress.workers.sessions import SessionCache
+from blockpress.workers.types import CanvasEvent, DraftEvent
 
-__all__ = ["FAULTS_ENV", "JobRunner"]
+__all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 
-FAULTS_ENV = "BLOCKPRESS_TEST_FAULTS"
 _DONE = object()
+_T = TypeVar("_T")
 
 
 def _exit_process(exc: BaseException) -> None:
@@ -73,7 +61,7 @@ class JobRunner:
     """Pulls jobs of one model and runs them, one at a time, on one engine.
 
     Args:
-        engine: a `DiffusionEngine` (or anything with its `stream`, `decode`, `apply_chat_template`).
+        engine: the replica's engine (a `DiffusionEngine`, usually inside a `TracedEngine`).
         queue: the job queue.
         model: the model name whose queue this runner serves.
         replica_id: the consumer name; shows up in `started` events.
@@ -84,11 +72,12 @@ class JobRunner:
             for the claim's attempt, so that a redelivered agent job resumes).
         max_sessions: engine sessions (KV caches) kept for `session_id`s, least recently used dropped
             first; each holds a conversation's cache in the engine's memory. 0 keeps none.
+        faults: fault hooks a test installs; None (production) makes no fault checks at all.
     """
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         queue: JobQueue,
         *,
         model: str,
@@ -98,6 +87,7 @@ class JobRunner:
         on_broken: Callable[[BaseException], None] = _exit_process,
         agent_options: Callable[[Claim], dict[str, Any]] | None = None,
         max_sessions: int = 8,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.engine = engine
         self.queue = queue
@@ -107,7 +97,8 @@ class JobRunner:
         self.draft_interval_s = draft_interval_s
         self.on_broken = on_broken
         self.agent_options = agent_options
-        self.sessions = _SessionCache(max_sessions)
+        self.sessions = SessionCache(max_sessions)
+        self.faults = faults
         self.jobs_done = 0
         self.current: str | None = None
 
@@ -141,17 +132,16 @@ class JobRunner:
         self.current = claim.job_id
         log.info("job %s attempt %d started on %s", claim.job_id, claim.attempt, self.replica_id)
         try:
-            with _replica_span(claim) as span:
+            with replica_span(claim) as span:
                 ending = await self._run_job(claim)
-                _describe(span, ending)
+                describe(span, ending)
         finally:
             self.current = None
             self.jobs_done += 1
-        if ending.state is not None:
-            _record_metrics(self.model, claim, ending)
+        record_metrics(self.model, claim, ending)
         return ending.state
 
-    async def _run_job(self, claim: Claim) -> _Ending:
+    async def _run_job(self, claim: Claim) -> Ending:
         cancel = threading.Event()
         lost = asyncio.Event()
         done = asyncio.Event()
@@ -164,21 +154,20 @@ class JobRunner:
             # the watcher would then heartbeat a finished job forever.
             done.set()
             await watcher
-        state, result, error = ending.state, ending.result, ending.error
-        if state is not JobState.SUCCEEDED and claim.spec.session_id:
+        if ending.state is not JobState.SUCCEEDED and claim.spec.session_id:
             # A generation that did not finish may have left its cache half-written: start over.
             self.sessions.drop(claim.spec.session_id)
-        if state is None or lost.is_set():
+        if ending.state is None or lost.is_set():
             log.warning("job %s attempt %d lost its lease; a newer attempt owns it", claim.job_id, claim.attempt)
-            return _NOT_OURS
-        if _fault(claim, "@fault:exit-before-ack"):
-            await _retry(lambda: self.queue.write_final(claim, state, result=result, error=error))
-            os._exit(71)
+            return NOT_OURS
+        state, result, error = ending.state, ending.result, ending.error
+        if self.faults is not None:
+            await self.faults.before_finish(claim, self.queue, ending)
         written = await _retry(lambda: self.queue.finish(claim, state, result=result, error=error))
         log.info("job %s attempt %d ended %s", claim.job_id, claim.attempt, state if written else "(stale)")
-        return ending if written else _NOT_OURS
+        return ending if written else NOT_OURS
 
-    async def _execute(self, claim: Claim, cancel: threading.Event, lost: asyncio.Event) -> _Ending:
+    async def _execute(self, claim: Claim, cancel: threading.Event, lost: asyncio.Event) -> Ending:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -201,26 +190,15 @@ class JobRunner:
                 if not claim.spec.drafts or time.monotonic() - last_draft < self.draft_interval_s:
                     continue
                 last_draft = time.monotonic()
-                kind, data = (
-                    EventType.DRAFT,
-                    {
-                        "canvas_index": item.canvas_index,
-                        "step": item.step,
-                        "text": self.engine.decode(item.token_ids),
-                    },
-                )
+                text = self.engine.decode(item.token_ids)
+                kind, data = to_data(Draft(canvas_index=item.canvas_index, step=item.step, text=text))
             elif isinstance(item, CanvasEvent):
-                kind, data = (
-                    EventType.CANVAS,
-                    {
-                        "index": item.canvas_index,
-                        "text": item.text,
-                        "steps": item.stats.steps,
-                        "tokens": item.stats.tokens_committed,
-                    },
+                canvas = Canvas(
+                    index=item.canvas_index, text=item.text, steps=item.stats.steps, tokens=item.stats.tokens_committed
                 )
-            elif isinstance(item, tuple):  # (type, data) from an agent job's emit
-                kind, data = item
+                kind, data = to_data(canvas)
+            elif isinstance(item, PAYLOAD_TYPES):  # from an agent job's emit
+                kind, data = to_data(item)
             else:
                 outcome = item
                 continue
@@ -232,67 +210,40 @@ class JobRunner:
         await asyncio.to_thread(thread.join)
         return self._outcome(claim, outcome, lost)
 
-    def _outcome(self, claim: Claim, outcome: Any, lost: asyncio.Event) -> _Ending:
-        if isinstance(outcome, _Generation):
-            return _Ending(JobState.SUCCEEDED, outcome.completed(claim), None, outcome.result)
-        if isinstance(outcome, dict):  # an agent job's completed payload
-            return _Ending(JobState.SUCCEEDED, outcome, None)
-        if isinstance(outcome, GenerationCancelled) or _is_superseded(outcome):
-            if lost.is_set() or _is_superseded(outcome):
-                return _NOT_OURS
-            return _Ending(JobState.CANCELLED, None, None)
-        if isinstance(outcome, InvalidRequest):
-            return _Ending(JobState.FAILED, None, {"code": "INVALID_ARGUMENT", "message": str(outcome)})
-        if isinstance(outcome, _Unimplemented):
-            return _Ending(JobState.FAILED, None, {"code": "UNIMPLEMENTED", "message": str(outcome)})
-        if _is_broken(outcome):
+    def _outcome(self, claim: Claim, outcome: Any, lost: asyncio.Event) -> Ending:
+        if isinstance(outcome, Generation):
+            return Ending(JobState.SUCCEEDED, to_data(outcome.completed(claim))[1], None, outcome.result)
+        if isinstance(outcome, Completed):  # an agent job's
+            return Ending(JobState.SUCCEEDED, to_data(outcome)[1], None)
+        if isinstance(outcome, Superseded):  # the agent's ledger found a newer attempt
+            return NOT_OURS
+        if isinstance(outcome, GenerationCancelled):
+            return NOT_OURS if lost.is_set() else Ending(JobState.CANCELLED, None, None)
+        if is_broken(outcome):
             self.on_broken(outcome)
-            return _NOT_OURS  # on_broken did not exit (tests): leave the job to its lease
+            return NOT_OURS  # on_broken did not exit (tests): leave the job to its lease
+        code = error_code(outcome)
+        if code != "INTERNAL":  # the caller's or the operator's to fix: the message says what
+            return Ending(JobState.FAILED, None, {"code": code, "message": str(outcome)})
         log.exception("job %s failed unexpectedly", claim.job_id, exc_info=outcome)
         message = f"{type(outcome).__name__}: {outcome}"
-        return _Ending(JobState.FAILED, None, {"code": "INTERNAL", "message": message})
+        return Ending(JobState.FAILED, None, {"code": "INTERNAL", "message": message})
 
     def _work(self, claim: Claim, cancel: threading.Event, post: Callable[[Any], None]) -> None:
-        """The worker thread: runs the engine and posts its events, then the outcome, then _DONE."""
+        """The worker thread: runs the job and posts its events, then the outcome, then _DONE."""
         spec = claim.spec
         try:
-            if _fault(claim, "@fault:crash") or (_fault(claim, "@fault:crash-first") and claim.attempt == 1):
-                os._exit(72)
+            if self.faults is not None:
+                self.faults.job_started(claim)
             if spec.kind == "agent":
                 options = self.agent_options(claim) if self.agent_options else {}
-                post(_run_agent(self.engine, spec, cancel, post, options))
+                post(run_agent_job(self.engine, spec, emit=post, cancel=cancel, **options))
             else:
-                post(self._generate(spec, cancel, post))
+                post(run_generation(self.engine, spec, self.sessions, cancel, post))
         except BaseException as exc:
             post(exc)
         finally:
             post(_DONE)
-
-    def _generate(self, spec: Any, cancel: threading.Event, post: Callable[[Any], None]) -> _Generation:
-        """One generation on the worker thread; with client tools, it ends at the first complete call."""
-        settings = DenoiseSettings.from_mapping(spec.settings)
-        if spec.messages:
-            prompt_ids = list(self.engine.apply_chat_template(spec.messages, tools=spec.tools or None))
-        else:
-            prompt_ids = list(self.engine.encode(spec.prompt or ""))
-        session = self.sessions.get(spec.session_id, self.engine.new_session) if spec.session_id else None
-        cached = list(session.token_ids) if session is not None else []
-        reused = len(cached) if cached and prompt_ids[: len(cached)] == cached else 0
-        watch = _CallWatch(started=time.perf_counter()) if spec.tools else None
-        events = self.engine.stream(prompt_ids, settings, cancel=cancel, session=session)
-        try:
-            for event in events:
-                if isinstance(event, EndEvent):
-                    return _Generation(event.result, tools=bool(spec.tools))
-                post(event)
-                if watch is not None and watch.add(event) and has_complete_call(self.engine.decode(watch.ids)):
-                    # The turn is over for the client's framework: it runs the tool and sends the result
-                    # in its next request, so any canvas after this one would be thrown away.
-                    result = watch.result(self.engine.decode(watch.ids), len(prompt_ids), len(prompt_ids) - reused)
-                    return _Generation(result, tools=True)
-        finally:
-            events.close()
-        raise AssertionError("the engine's stream ended without a result")  # pragma: no cover
 
     async def _watch(self, claim: Claim, cancel: threading.Event, lost: asyncio.Event, done: asyncio.Event) -> None:
         """Renews the lease and watches the cancel flag until `done` is set."""
@@ -321,165 +272,7 @@ class JobRunner:
                 log.exception("job %s: heartbeat error", claim.job_id)
 
 
-class _Unimplemented(Exception):
-    pass
-
-
-class _Ending(NamedTuple):
-    """How a job ended: the final state to write (None: not ours to write), its payload, and the
-    engine's result when it was a generation (for metrics)."""
-
-    state: JobState | None
-    result: dict[str, Any] | None
-    error: dict[str, str] | None
-    generation: GenerationResult | None = None
-
-
-_NOT_OURS = _Ending(None, None, None)
-
-
-class _SessionCache:
-    """Engine sessions by `session_id`, least recently used dropped beyond `size`."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._sessions: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, key: str, new: Callable[[], Any]) -> Any:
-        session = self._sessions.pop(key, None)
-        if session is None:
-            session = new()
-        if self.size > 0:
-            self._sessions[key] = session
-            while len(self._sessions) > self.size:
-                dropped, _ = self._sessions.popitem(last=False)
-                log.debug("session %s dropped (least recently used of %d)", dropped, self.size)
-        return session
-
-    def drop(self, key: str) -> None:
-        self._sessions.pop(key, None)
-
-    def keys(self) -> list[str]:
-        """Session ids held, least recently used first."""
-        return list(self._sessions)
-
-
-@dataclass
-class _CallWatch:
-    """What a generation with client tools committed so far, to stop it at the first complete call."""
-
-    started: float
-    ids: list[int] = field(default_factory=list)
-    canvases: list[CanvasStats] = field(default_factory=list)
-    first_step_at: float | None = None
-    first_canvas_s: float = 0.0
-
-    def add(self, event: Any) -> bool:
-        """Takes one stream event; True when it committed a canvas."""
-        if isinstance(event, DraftEvent) and self.first_step_at is None:
-            self.first_step_at = time.perf_counter() - event.step_s
-        if not isinstance(event, CanvasEvent):
-            return False
-        self.ids += event.token_ids
-        self.canvases.append(event.stats)
-        if len(self.canvases) == 1:
-            self.first_canvas_s = time.perf_counter() - self.started
-        return True
-
-    def result(self, text: str, prompt_tokens: int, prefilled: int) -> GenerationResult:
-        """The result the engine would have returned had the call ended the turn.
-
-        The seed is not known mid-stream and is not part of the payload; prefill time is the wait
-        before the first denoising step.
-        """
-        prefill_s = (self.first_step_at - self.started) if self.first_step_at is not None else 0.0
-        denoise_s = sum(sum(c.step_s) for c in self.canvases)
-        timings = Timings(max(0.0, prefill_s), self.first_canvas_s, denoise_s, time.perf_counter() - self.started)
-        return GenerationResult(list(self.ids), text, "stop_token", prompt_tokens, prefilled, self.canvases, timings, 0)
-
-
-@dataclass(frozen=True)
-class _Generation:
-    """A finished generation and how its end reads to the client."""
-
-    result: GenerationResult
-    tools: bool = False
-    """The job sent tool definitions: the payload carries `tool_calls`."""
-
-    def completed(self, claim: Claim) -> dict[str, Any]:
-        if not self.tools:
-            return _completed(self.result, claim)
-        text, calls, stop_reason = self.result.text, [], None
-        try:
-            text, call = parse_turn(self.result.text)
-            if call is not None:
-                calls.append({"name": call.name, "arguments": call.arguments})
-                stop_reason = "tool_call"
-        except MalformedToolCall as exc:
-            # The model's mistake, not the caller's: the client framework gets the raw text and the
-            # reason, and may retry or show it, as it would with any other model answer.
-            log.info("job %s: malformed tool call: %s", claim.job_id, exc)
-            stop_reason = "malformed_tool_call"
-        payload = _completed(self.result, claim, stop_reason=stop_reason)
-        payload["text"] = text
-        payload["tool_calls"] = calls
-        return payload
-
-
-def _run_agent(
-    engine: Any, spec: Any, cancel: threading.Event, post: Callable[[Any], None], options: dict[str, Any]
-) -> Any:
-    try:
-        from blockpress.agents import run_agent_job
-    except ImportError:
-        return _Unimplemented("agent jobs need blockpress.agents.run_agent_job, which this install lacks")
-    return run_agent_job(engine, spec, emit=lambda kind, data: post((kind, data)), cancel=cancel, **options)
-
-
-def _is_superseded(exc: Any) -> bool:
-    """The agent layer found that a newer attempt owns the job (its ledger is fenced by attempt)."""
-    try:
-        from blockpress.agents.errors import Superseded
-    except ImportError:
-        return False
-    return isinstance(exc, Superseded)
-
-
-def _completed(result: GenerationResult, claim: Claim, *, stop_reason: str | None = None) -> dict[str, Any]:
-    t = result.timings
-    return {
-        "text": result.text,
-        "token_ids": list(result.token_ids),
-        "stop_reason": stop_reason or result.stop_reason,
-        "canvases": len(result.canvases),
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": len(result.token_ids),
-            "prefilled_tokens": result.prefilled_tokens,
-        },
-        "timings": {
-            "queue_s": max(0.0, claim.claimed_at - claim.spec.submitted_at),
-            "prefill_s": t.prefill_s,
-            "first_canvas_s": t.first_canvas_s,
-            "denoise_s": t.denoise_s,
-            "total_s": t.total_s,
-        },
-    }
-
-
-def _is_broken(exc: Any) -> bool:
-    if isinstance(exc, EngineBroken):
-        return True
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "CUDA" in str(exc))
-
-
-def _fault(claim: Claim, marker: str) -> bool:
-    prompt = claim.spec.prompt or ""
-    return os.environ.get(FAULTS_ENV) == "1" and (prompt == marker or prompt.startswith(marker + " "))
-
-
-async def _retry(write: Callable[[], Any]) -> Any:
+async def _retry(write: Callable[[], Awaitable[_T]]) -> _T:
     """Retries a queue write through a Redis outage: a finished job's result must not be dropped."""
     delay = 0.1
     while True:
@@ -489,69 +282,3 @@ async def _retry(write: Callable[[], Any]) -> Any:
             log.warning("queue write failed (%s); retrying in %.1f s", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-
-
-def _record_metrics(model: str, claim: Claim, ending: _Ending) -> None:
-    """Counts the final state and, for a generation, its speed; metrics never fail a job."""
-    try:
-        from blockpress.runtime.metrics import get_metrics
-    except ImportError:
-        return
-    assert ending.state is not None
-    try:
-        metrics = get_metrics()
-        metrics.job_finished(model, ending.state.value)
-        if ending.generation is not None:
-            queued_s = max(0.0, claim.claimed_at - claim.spec.submitted_at)
-            metrics.observe_generation(model, ending.generation, queued_s=queued_s)
-    except Exception:
-        log.exception("job %s: recording metrics failed", claim.job_id)
-
-
-def _describe(span: Any, ending: _Ending) -> None:
-    """The job's end on its `replica.run` span: final state, stop reason, token counts."""
-    if span is None or ending.state is None:  # not ours: the newer attempt's span tells the end
-        return
-    from blockpress.runtime.tracing.telemetry import Attr
-
-    span.set_attribute(Attr.JOB_STATE, ending.state.value)
-    if ending.result is not None:
-        usage = ending.result.get("usage") or {}
-        span.set_attribute(Attr.GEN_AI_INPUT_TOKENS, int(usage.get("prompt_tokens", 0)))
-        span.set_attribute(Attr.GEN_AI_OUTPUT_TOKENS, int(usage.get("completion_tokens", 0)))
-        span.set_attribute(Attr.STOP_REASON, str(ending.result.get("stop_reason", "")))
-
-
-@contextlib.contextmanager
-def _replica_span(claim: Claim) -> Any:
-    """`queue.wait` and `replica.run` spans when the telemetry module is there; yields the run span or None."""
-    try:
-        from opentelemetry import trace
-
-        from blockpress.runtime import telemetry
-    except ImportError:
-        yield None
-        return
-    spec = claim.spec
-    telemetry.record_queue_wait(
-        job_id=spec.job_id,
-        model=spec.model,
-        submitted_at=spec.submitted_at,
-        trace_context=spec.trace_context,
-        attempt=claim.attempt,
-        started_at=claim.claimed_at,
-    )
-    attributes = {
-        telemetry.Attr.JOB_ID: spec.job_id,
-        telemetry.Attr.JOB_KIND: spec.kind,
-        telemetry.Attr.JOB_ATTEMPT: claim.attempt,
-        telemetry.Attr.REPLICA: claim.consumer,
-        telemetry.Attr.GEN_AI_REQUEST_MODEL: spec.model,
-    }
-    with telemetry.get_tracer().start_as_current_span(
-        telemetry.SpanName.REPLICA_RUN,
-        context=telemetry.extract_context(spec.trace_context),
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-    ) as span:
-        yield span

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["CanvasEvent", "CanvasStats", "DraftEvent", "EndEvent", "GenerationResult", "StreamEvent", "Timings"]
+__all__ = [
+    "CanvasEvent",
+    "CanvasStats",
+    "DraftEvent",
+    "EndEvent",
+    "GenerationResult",
+    "StreamEvent",
+    "Timings",
+    "result_of",
+]
 
 StopReason = Literal["stop_token", "max_new_tokens"]
 
@@ -97,3 +107,31 @@ class EndEvent:
 
 
 StreamEvent = DraftEvent | CanvasEvent | EndEvent
+
+
+def result_of(
+    events: Iterable[StreamEvent],
+    on_event: Callable[[DraftEvent | CanvasEvent], GenerationResult | None] | None = None,
+) -> GenerationResult:
+    """Consumes an engine stream up to its `EndEvent` and returns that event's result.
+
+    Args:
+        events: an engine's `stream(...)`; closed on the way out, which stops an engine that is not
+            done yet between two steps.
+        on_event: sees every draft and canvas; returning a result ends the generation there, with
+            that result (a caller that has what it needs, such as a complete tool call).
+
+    Raises:
+        RuntimeError: the stream ended without an `EndEvent` (an engine bug).
+    """
+    try:
+        for event in events:
+            if isinstance(event, EndEvent):
+                return event.result
+            if on_event is not None and (early := on_event(event)) is not None:
+                return early
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+    raise RuntimeError("the engine's stream ended without an EndEvent")

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockpress.runtime.config import DEFAULT_MODEL_DIR, RuntimeSettings
+from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import ConfigurationError
 
 __all__ = ["OwnedRedis", "default_models", "embedded_runtime", "replica_options", "start_ray"]
@@ -127,13 +127,15 @@ def start_ray(address: str | None) -> bool:
 def default_models(settings: RuntimeSettings) -> tuple[str, ...]:
     """The models to serve: the configured ones, else the shipped tiny checkpoint.
 
-    Until the shipped checkpoint exists (it is trained by the project), a random-weight checkpoint of
-    the same class is built in the data dir instead, and a warning says so.
+    An install that lost the package data (a source tree copied without its .safetensors) gets a
+    random-weight checkpoint of the same class built in the data dir instead, and a warning says so.
     """
+    from blockpress.workers.checkpoints import TINY_CALCULATOR
+
     if settings.models:
         return settings.models
-    if (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return (str(DEFAULT_MODEL_DIR),)
+    if (TINY_CALCULATOR / "config.json").is_file():
+        return (str(TINY_CALCULATOR),)
     fallback = settings.data_dir / "checkpoints" / "tiny-random"
     if not (fallback / "config.json").is_file():
         from blockpress.workers.testing import build_tiny_checkpoint
@@ -141,7 +143,7 @@ def default_models(settings: RuntimeSettings) -> tuple[str, ...]:
         build_tiny_checkpoint(fallback)
     log.warning(
         "the shipped checkpoint %s is missing; serving a random-weight tiny checkpoint built in %s (its text is noise)",
-        DEFAULT_MODEL_DIR,
+        TINY_CALCULATOR,
         fallback,
     )
     return (str(fallback),)
@@ -154,6 +156,8 @@ def replica_options(settings: RuntimeSettings) -> dict[str, Any]:
         "device": settings.device,
         "dtype": settings.dtype,
         "max_sessions": settings.replica_max_sessions,
+        "torch_threads": settings.replica_torch_threads,
+        "agent_pin": settings.agent_pin,
         "metrics_port": settings.replica_metrics_port,
         "http_allowed_hosts": settings.agent_http_allowed_hosts,
         "trace_retention_s": settings.trace_retention_s,
@@ -175,8 +179,8 @@ async def embedded_runtime(
 
     Yields the started `Gateway`; leaving the block drains and stops everything this started.
     """
+    from blockpress.runtime.gateway.cards import load_model_card
     from blockpress.runtime.gateway.server import Gateway
-    from blockpress.runtime.gateway.validation import load_model_card
     from blockpress.workers.pool import ReplicaPool
 
     paths = tuple(models) if models is not None else await asyncio.to_thread(default_models, settings)

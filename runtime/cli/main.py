@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import signal
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-
+from blockpress.runtime import AgentResult, Client
+from blockpress.runtime.cli.output import print_agent_events, print_events
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import BlockPressError, JobError
-from blockpress.runtime.contracts.jobs import Event, EventType, new_job_id
-from blockpress.runtime.sdk.client import AgentResult, Client, job_outcome
+from blockpress.runtime.contracts.jobs import new_job_id
+from blockpress.runtime.sdk.results import job_outcome
 
 __all__ = ["main"]
 
@@ -82,8 +80,8 @@ async def _serve(settings: RuntimeSettings) -> int:
 
 async def _gateway(settings: RuntimeSettings) -> int:
     from blockpress.runtime.cli.embedded import default_models, server_tools
+    from blockpress.runtime.gateway.cards import load_model_card
     from blockpress.runtime.gateway.server import Gateway
-    from blockpress.runtime.gateway.validation import load_model_card
     from blockpress.runtime.tracing.telemetry import setup_tracing
 
     setup_tracing(
@@ -136,33 +134,10 @@ async def _noop() -> None:
 # ---- clients ------------------------------------------------------------------------------------------
 
 
-def _print_events(events: Any, *, drafts: bool, out: Any = sys.stdout, err: Any = sys.stderr) -> Event | None:
-    """Writes committed canvases to `out` as they come (drafts to `err`); returns the final event."""
-    final = None
-    for event in events:
-        if event.type == "canvas":
-            if drafts:
-                err.write("\r\033[K")
-            out.write(event.data.get("text", ""))
-            out.flush()
-        elif event.type == "draft" and drafts:
-            text = event.data.get("text", "").replace("\n", " ")
-            err.write(
-                f"\r\033[K[canvas {event.data.get('canvas_index', 0)} step {event.data.get('step', 0)}] {text[-60:]}"
-            )
-            err.flush()
-        elif event.type == "started":
-            err.write(f"[started on {event.data.get('replica', '?')}, attempt {event.data.get('attempt', 1)}]\n")
-        if event.is_final:
-            final = event
-    out.write("\n")
-    return final
-
-
 def _generate(args: argparse.Namespace) -> int:
     settings = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
     with Client(args.address, api_key=args.api_key, timeout=args.timeout) as client:
-        final = _print_events(
+        final = print_events(
             client.stream(args.prompt, model=args.model, drafts=args.drafts, **settings), drafts=args.drafts
         )
     if final is not None and final.type == "completed":
@@ -177,41 +152,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 1
 
 
-def _print_agent_events(
-    events: Any, *, out: Any = sys.stdout, err: Any = sys.stderr, answer: bool = True
-) -> list[Event]:
-    """Writes an agent task's progress to `err` as it comes (turns, the model's text, tool calls and
-    results) and, with `answer`, its final answer to `out`, so the answer alone can be piped; returns
-    every event."""
-    seen: list[Event] = []
-    midline = False
-    for event in events:
-        seen.append(event)
-        d = event.data
-        if event.type == EventType.CANVAS:
-            err.write(d.get("text", ""))
-            midline = True
-            err.flush()
-            continue
-        if midline:
-            err.write("\n")
-            midline = False
-        if event.type == EventType.STARTED:
-            err.write(f"[started on {d.get('replica', '?')}, attempt {d.get('attempt', 1)}]\n")
-        elif event.type == EventType.TURN:
-            err.write(f"[turn {d.get('index', 0)}]\n")
-        elif event.type == EventType.TOOL_CALL:
-            err.write(f"-> {d.get('name', '?')} {d.get('arguments_json', '{}')}\n")
-        elif event.type == EventType.TOOL_RESULT:
-            mark = "error" if d.get("is_error") else "result"
-            err.write(f"<- {d.get('name', '?')} {mark}: {d.get('content', '')}\n")
-        elif event.type == EventType.COMPLETED and answer:
-            out.write(d.get("text", "") + "\n")
-            out.flush()
-        err.flush()
-    return seen
-
-
 def _agent(args: argparse.Namespace) -> int:
     settings = {"seed": args.seed, "max_denoising_steps": args.max_denoising_steps}
     job_id = args.job_id or new_job_id()  # chosen here, so the summary below can name the job
@@ -220,7 +160,7 @@ def _agent(args: argparse.Namespace) -> int:
         events = client.agent_stream(
             args.task, tools=args.tool or (), max_turns=args.max_turns, model=args.model, **budgets, **settings
         )
-        seen = _print_agent_events(events)
+        seen = print_agent_events(events)
     if not seen:
         sys.stderr.write("the job ended without a final event\n")
         return 1
@@ -236,7 +176,7 @@ def _jobs(args: argparse.Namespace) -> int:
     with Client(args.address, api_key=args.api_key, timeout=args.timeout or 30) as client:
         if args.job_id:
             job = client.get_job(args.job_id)
-            print(json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2))
+            print(json.dumps(dataclasses.asdict(job), indent=2))
         else:
             # The gateway keeps no job list (jobs live in Redis by id); per model, what waits and who runs it.
             for m in client.models():
@@ -258,100 +198,6 @@ def _models(args: argparse.Namespace) -> int:
                 f"replicas live {m.replicas_live}  queued {m.queue_depth}"
             )
     return 0
-
-
-async def _demo(args: argparse.Namespace) -> int:
-    from blockpress.runtime.cli.embedded import embedded_runtime
-
-    with tempfile.TemporaryDirectory(prefix="blockpress-demo-") as tmp:
-        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
-        settings = RuntimeSettings(models=tuple(args.model or ()), port=0, data_dir=data_dir, replicas=1, drain_s=5.0)
-        print("starting redis-server, Ray, one replica and the gateway ...", flush=True)
-        started = time.perf_counter()
-        async with embedded_runtime(settings) as gateway:
-            name = gateway.default_model
-            print(f"ready in {time.perf_counter() - started:.1f} s; model {name} on port {gateway.port}")
-            address = f"127.0.0.1:{gateway.port}"
-            # Blocking client calls, in a thread: this loop serves the gateway meanwhile.
-            generated = await asyncio.to_thread(_demo_generation, address, args)
-            answered = await asyncio.to_thread(_demo_agent, address, args)
-            print("shutting down ...", flush=True)
-        print("done.")
-    return 0 if generated and answered else 1
-
-
-def _demo_generation(address: str, args: argparse.Namespace) -> bool:
-    """One plain generation job: the prompt as a user message with the calculator declared, so the shipped
-    checkpoint (trained only on such chat turns) answers with its tool call rather than noise."""
-    from blockpress.agents.builtins import calculator_tool
-
-    print(
-        f"\n=== generation ===\nprompt: {args.prompt!r} (a user message; tools: calculator)\n--- streamed canvases ---",
-        flush=True,
-    )
-    messages = [{"role": "user", "content": args.prompt}]
-    tools = [calculator_tool().declaration()]
-    with Client(address, timeout=300) as client:
-        events = client.stream(messages, tools=tools, max_new_tokens=args.max_new_tokens, seed=0)
-        final = _print_events(events, drafts=False)
-    print("--- result ---")
-    if final is None or final.type != "completed":
-        print(f"the job ended {final.type if final else 'without a final event'}: {final.data if final else ''}")
-        return False
-    d = final.data
-    print(f"text: {d['text']!r}")
-    for call in d.get("tool_calls") or ():
-        print(f"tool call: {call['name']}({json.dumps(json.loads(call.get('arguments_json') or '{}'))})")
-    print(f"stop: {d['stop_reason']}, canvases: {d['canvases']}, usage: {d['usage']}")
-    print("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in d["timings"].items()))
-    return True
-
-
-def _demo_agent(address: str, args: argparse.Namespace) -> bool:
-    """One agent task with the calculator through the same service; True when it ran to its end (a
-    small or untrained checkpoint may still stop at the turn limit, which is shown, not hidden)."""
-    print(f"\n=== agent task, tool: calculator ===\ntask: {args.task!r}\n--- streamed events ---", flush=True)
-    job_id = new_job_id()
-    with Client(address, timeout=300) as client:
-        events = client.agent_stream(
-            args.task, tools=["calculator"], max_turns=args.max_turns, job_id=job_id, seed=0, max_seconds=120
-        )
-        # Everything on stdout, in the order it came; the answer follows under "result".
-        seen = _print_agent_events(events, out=sys.stdout, err=sys.stdout, answer=False)
-    print("--- result ---")
-    try:
-        result = job_outcome(job_id, seen) if seen else None
-    except JobError as exc:
-        print(f"the task ended: {exc}")
-        return False
-    if not isinstance(result, AgentResult):
-        print("the task ended without a final event")
-        return False
-    print(f"answer: {result.text!r}")
-    print(f"stop: {result.stop_reason}, turns: {result.turns}, tool calls: {len(result.tool_calls)}")
-    for c in result.tool_calls:
-        print(f"  turn {c.turn}: {c.name}({json.dumps(c.arguments)}) -> {c.result}")
-    _demo_trace(client_address=address, job_id=job_id)
-    return True
-
-
-def _demo_trace(*, client_address: str, job_id: str) -> None:
-    """The agent task's waterfall, as `blockpress trace JOB_ID` shows it."""
-    from blockpress.runtime.contracts.errors import NotFound
-    from blockpress.runtime.tracing.view import render_text
-
-    print("\n=== where the agent task's time went (blockpress trace) ===", flush=True)
-    spans: list[Any] = []
-    with Client(client_address, timeout=30) as client:
-        give_up = time.monotonic() + 10
-        # Spans are kept off the hot path, a moment after the job's final event.
-        while time.monotonic() < give_up:
-            with contextlib.suppress(NotFound):
-                spans = client.trace(job_id)
-            if any(s.name == "replica.run" for s in spans):
-                break
-            time.sleep(0.2)
-    print(render_text(spans) if spans else "no trace kept (tracing off?)")
 
 
 # ---- parser -------------------------------------------------------------------------------------------
@@ -453,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "replicas":
             return _replicas(_settings(args))
         if args.command == "demo":
-            return asyncio.run(_demo(args))
+            from blockpress.runtime.cli.demo import demo
+
+            return asyncio.run(demo(args))
         commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "generate": _generate,
             "agent": _agent,

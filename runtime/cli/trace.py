@@ -101,8 +101,8 @@ def run_trace(args: argparse.Namespace, *, store: TraceStore | None = None, out:
 
 
 def _from_gateway(args: argparse.Namespace) -> list[SpanRecord]:
+    from blockpress.runtime import Client
     from blockpress.runtime.contracts.errors import NotFound
-    from blockpress.runtime.sdk.client import Client
 
     with Client(getattr(args, "address", None), api_key=getattr(args, "api_key", None)) as client:
         try:

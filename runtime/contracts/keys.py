@@ -8,7 +8,7 @@
     bp:deadlines:<model>       zset     QUEUED job ids with a deadline, scored by it (expiry sweep)
     bp:dead:<model>            stream   dead-lettered jobs with their last error
     bp:replicas:<model>        hash     replica id -> last heartbeat (epoch seconds), for health checks
-    bp:trace:...               the trace store's keys (blockpress.runtime.tracing.store)
+    bp:traces:...              the trace store's keys (blockpress.runtime.tracing.store, its own layout)
 
 A deployment shares one Redis between several BlockPress installs by choosing another `prefix`.
 """

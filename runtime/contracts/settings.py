@@ -78,9 +78,6 @@ class DenoiseSettings:
         """These settings, with unset fields taken from `base`."""
         return dataclasses.replace(base, **self.to_mapping())
 
-    def is_complete(self) -> bool:
-        return all(getattr(self, name) is not None for name in TRANSFORMERS_DEFAULTS)
-
 
 def _number(name: str, value: Any, *, integer: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):

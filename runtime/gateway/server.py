@@ -1,6 +1,6 @@
-"""The gRPC gateway: `blockpress.v1.Runtime` on grpc.aio, with health checking and reflection.
+"""The gRPC gateway's lifecycle: `blockpress.v1.Runtime` on grpc.aio, with health checking and reflection.
 
-A call is validated (`validation.py`), checked against its model, then queued (`JobQueue.submit`);
+A call (`servicer.py`) is validated against its model (`validation.validate_submit`), then queued;
 streaming calls then follow the job's event stream in Redis until its final event. The gateway holds
 no job state of its own, so a restarted gateway serves every job the old one accepted.
 
@@ -13,49 +13,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import redis.asyncio as aioredis
-from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import RuntimeSettings
-from blockpress.runtime.contracts.errors import (
-    InvalidArgument,
-    ServiceUnavailable,
-    TraceNotFound,
-    Unauthenticated,
-    to_status,
-)
-from blockpress.runtime.contracts.jobs import Event, JobRecord, JobSpec, JobState, new_job_id
-from blockpress.runtime.gateway.validation import (
-    ModelCard,
-    build_spec,
-    check_against_model,
-    parse_submit,
-    request_to_dict,
-)
+from blockpress.runtime.contracts.errors import ServiceUnavailable, TraceNotFound
+from blockpress.runtime.contracts.jobs import Event, JobSpec
+from blockpress.runtime.convert import request_to_dict
+from blockpress.runtime.gateway.cards import ModelCard
+from blockpress.runtime.gateway.interceptors import AuthInterceptor, TracingInterceptor
+from blockpress.runtime.gateway.servicer import RuntimeServicer
+from blockpress.runtime.gateway.validation import validate_submit
 from blockpress.runtime.queue.jobqueue import JobQueue
+from blockpress.runtime.sdk.records import ModelInfo
+from blockpress.runtime.tracing.telemetry import inject_context
 
 if TYPE_CHECKING:
     from blockpress.runtime.tracing.store import SpanRecord, TraceStore
-
-try:  # the traces engineer's module; the gateway serves without it
-    from blockpress.runtime import telemetry as _telemetry
-except ImportError:  # pragma: no cover - only in a partial install
-    _telemetry = None  # type: ignore[assignment]
 
 __all__ = ["Gateway"]
 
@@ -64,281 +49,6 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
 _WATCH_BLOCK_MS = 2000
 _METRICS_INTERVAL_S = 5.0
-
-
-STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
-
-
-def event_to_pb(job_id: str, event: Event) -> pb.JobEvent:
-    """A domain event as its proto; unknown payload keys (a newer writer) are ignored."""
-    out = pb.JobEvent(id=event.id, job_id=job_id, time=event.ts)
-    if event.type == "completed":
-        completed_to_pb(event.data, out.completed)
-    elif event.type in pb.JobEvent.DESCRIPTOR.fields_by_name:
-        json_format.ParseDict(event.data, getattr(out, event.type), ignore_unknown_fields=True)
-    return out
-
-
-def completed_to_pb(data: Mapping[str, Any], out: pb.Completed) -> None:
-    """Fills `out` from a `completed` payload. Tool calls carry `arguments` as a mapping while the proto
-    has `arguments_json`: ParseDict with ignore_unknown_fields would drop them silently."""
-    json_format.ParseDict({k: v for k, v in data.items() if k != "tool_calls"}, out, ignore_unknown_fields=True)
-    for call in data.get("tool_calls") or ():
-        out.tool_calls.add(name=call["name"], arguments_json=json.dumps(call.get("arguments") or {}))
-
-
-def record_to_pb(record: JobRecord) -> pb.Job:
-    job = pb.Job(
-        job_id=record.job_id,
-        model=record.model,
-        kind=record.spec.kind,
-        state=STATES[record.state],
-        attempt=record.attempt,
-        submitted_at=record.submitted_at,
-        deadline=record.spec.deadline or 0.0,
-        replica=record.replica or "",
-        cancel_requested=record.cancel_requested,
-        started_at=record.started_at or 0.0,
-        finished_at=record.finished_at or 0.0,
-    )
-    if record.result is not None:
-        completed_to_pb(record.result, job.result)
-    if record.error is not None:
-        json_format.ParseDict(record.error, job.error, ignore_unknown_fields=True)
-    return job
-
-
-def span_to_pb(record: SpanRecord) -> pb.Span:
-    """A kept span as its proto; attributes and events travel as JSON, as their values are of any type."""
-    events = [{"name": e.name, "time_ns": e.time_ns, "attributes": e.attributes} for e in record.events]
-    return pb.Span(
-        trace_id=record.trace_id,
-        span_id=record.span_id,
-        parent_id=record.parent_id or "",
-        name=record.name,
-        start_ns=record.start_ns,
-        end_ns=record.end_ns,
-        service=record.service,
-        kind=record.kind,
-        status=record.status,
-        status_message=record.status_message,
-        attributes_json=json.dumps(record.attributes, separators=(",", ":"), default=str),
-        events_json=json.dumps(events, separators=(",", ":"), default=str),
-    )
-
-
-# ---- interceptors -------------------------------------------------------------------------------------
-
-
-def record_status(code: grpc.StatusCode) -> None:
-    """Puts the call's status code on the gateway span (the interceptor cannot see an abort's code)."""
-    if _telemetry is not None:
-        trace.get_current_span().set_attribute(_telemetry.Attr.RPC_GRPC_STATUS_CODE, code.value[0])
-
-
-def _wrap(handler: grpc.RpcMethodHandler, around: Any) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour run inside the async context manager `around(context)`."""
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with around(context):
-                return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-    inner_us = handler.unary_stream
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with around(context):
-            async for item in inner_us(request, context):
-                yield item
-
-    return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-
-
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """One span per call of `service`, `gateway.<Method>`, parented on the caller's W3C headers."""
-
-    def __init__(self, service: str, tracer: trace.Tracer | None = None) -> None:
-        self.prefix = f"/{service}/"
-        self.tracer = tracer
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or _telemetry is None or not details.method.startswith(self.prefix):
-            return handler
-        telemetry = _telemetry
-        method = details.method.removeprefix(self.prefix)
-        # Only text headers can carry trace context; the authorization header is never copied anywhere.
-        carrier = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str) and k != "authorization"}
-        attributes = {
-            telemetry.Attr.RPC_SYSTEM: "grpc",
-            telemetry.Attr.RPC_SERVICE: self.prefix.strip("/"),
-            telemetry.Attr.RPC_METHOD: method,
-            telemetry.Attr.RPC_GRPC_STATUS_CODE: 0,
-        }
-
-        tracer = self.tracer or telemetry.get_tracer()
-        name = telemetry.SpanName.gateway(method)
-        parent = telemetry.extract_context(carrier)
-
-        def start() -> tuple[trace.Span, Any]:
-            span = tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
-            return span, trace.set_span_in_context(span, parent)
-
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                span, ctx = start()
-                token = otel_context.attach(ctx)
-                try:
-                    return await inner_uu(request, context)
-                finally:
-                    otel_context.detach(token)
-                    span.end()
-
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-        inner_us = handler.unary_stream
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            span, ctx = start()
-            items = inner_us(request, context)
-            try:
-                while True:
-                    # Current only while the servicer runs: gRPC may close a cancelled stream from
-                    # another context, where a context token taken across a yield cannot be detached.
-                    token = otel_context.attach(ctx)
-                    try:
-                        item = await items.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    finally:
-                        otel_context.detach(token)
-                    yield item
-            except asyncio.CancelledError:  # the client went away
-                span.set_attribute(telemetry.Attr.RPC_GRPC_STATUS_CODE, grpc.StatusCode.CANCELLED.value[0])
-                raise
-            finally:
-                await items.aclose()
-                span.end()
-
-        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <key>` with one of `keys` on the calls of service `protected`.
-
-    Health and reflection stay open: probes and grpcurl carry no keys, and they reveal no job data.
-    """
-
-    def __init__(self, keys: frozenset[str], *, protected: str) -> None:
-        self._keys = tuple(k.encode() for k in keys)
-        self.prefix = f"/{protected}/"
-
-    def _allowed(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                given = value.removeprefix("Bearer ").strip().encode()
-                # Compare against every key in constant time, so timing does not tell which prefix matched.
-                return any([hmac.compare_digest(given, k) for k in self._keys])
-        return False
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefix) or self._allowed(details.invocation_metadata):
-            return handler
-
-        @contextlib.asynccontextmanager
-        async def deny(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            code, message, trailers = to_status(
-                Unauthenticated("authorization: send metadata 'authorization: Bearer <API key>' with a valid key")
-            )
-            context.set_trailing_metadata(trailers)
-            await context.abort(code, message)
-            yield  # pragma: no cover - abort raises
-
-        return _wrap(handler, deny)
-
-
-class _Servicer(pb_grpc.RuntimeServicer):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
-
-    async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
-        try:
-            spec = await self.gw.admit(request, context)
-            record, created = await self.gw.queue.submit(spec)
-        except BaseException as exc:
-            await _abort(context, exc)
-        log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "resubmitted", spec.model)
-        return pb.SubmitResponse(job_id=record.job_id, model=record.model, state=STATES[record.state], created=created)
-
-    async def Generate(
-        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.JobEvent]:
-        try:
-            spec = await self.gw.admit(request, context)
-            record, created = await self.gw.queue.submit(spec)
-            log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
-            async for event in self.gw.follow(record.job_id, "0"):
-                yield event_to_pb(record.job_id, event)
-        except BaseException as exc:
-            await _abort(context, exc)
-
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
-        try:
-            await self.gw.queue.get(request.job_id)  # NOT_FOUND before the stream starts
-            async for event in self.gw.follow(request.job_id, request.after_event_id or "0"):
-                yield event_to_pb(request.job_id, event)
-        except BaseException as exc:
-            await _abort(context, exc)
-
-    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        try:
-            return record_to_pb(await self.gw.queue.get(request.job_id))
-        except BaseException as exc:
-            await _abort(context, exc)
-
-    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        try:
-            record = await self.gw.queue.cancel(request.job_id)
-        except BaseException as exc:
-            await _abort(context, exc)
-        log.info("job %s cancel requested", request.job_id)
-        return record_to_pb(record)
-
-    async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.Trace:
-        try:
-            if not request.job_id:
-                raise InvalidArgument("job_id", "is empty; send a job id or a trace id")
-            spans = await self.gw.trace(request.job_id)
-        except BaseException as exc:
-            await _abort(context, exc)
-        return pb.Trace(trace_id=spans[0].trace_id, spans=[span_to_pb(s) for s in spans])
-
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        try:
-            return pb.ListModelsResponse(models=[await self.gw.model_info(card) for card in self.gw.cards.values()])
-        except BaseException as exc:
-            await _abort(context, exc)
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    """Ends the call with the status `exc` maps to; re-raises what is not an error of the call."""
-    if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError | GeneratorExit | KeyboardInterrupt):
-        raise exc
-    if isinstance(exc, RedisError | ConnectionError):
-        exc = ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
-    code, message, trailers = to_status(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("internal error in a gateway call", exc_info=exc)
-    record_status(code)
-    context.set_trailing_metadata(trailers)
-    await context.abort(code, message)
-    raise AssertionError("abort() returns only by raising")
 
 
 class Gateway:
@@ -393,21 +103,20 @@ class Gateway:
         """Validates a submit request and turns it into the job to queue; raises the error to answer."""
         if self.draining:
             raise ServiceUnavailable("the gateway is draining; retry on another gateway")
-        parsed = parse_submit(request_to_dict(request), self.settings, agent_tools=self.agent_tools)
-        card = check_against_model(parsed, self.cards, self.default_model)
-        if not self._live.get(card.name) and not await self._refresh_live(card.name):
-            raise ServiceUnavailable(f"no replica of model {card.name!r} is live; retry shortly")
         remaining = context.time_remaining()
-        trace_context = _telemetry.inject_context() if _telemetry is not None else {}
-        return build_spec(
-            parsed,
-            job_id=parsed.job_id or new_job_id(),
-            model=card.name,
+        spec = validate_submit(
+            request_to_dict(request),
+            settings=self.settings,
+            cards=self.cards,
+            default_model=self.default_model,
             # A deadline on the call is the job's deadline: past it the client no longer waits.
             deadline=None if remaining is None else time.time() + remaining,
-            trace_context=trace_context,
-            default_max_turns=self.settings.agent_default_max_turns,
+            trace_context=inject_context(),
+            agent_tools=self.agent_tools,
         )
+        if not self._live.get(spec.model) and not await self._refresh_live(spec.model):
+            raise ServiceUnavailable(f"no replica of model {spec.model!r} is live; retry shortly")
+        return spec
 
     async def follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
         """The job's events after `after` until its final one."""
@@ -437,8 +146,10 @@ class Gateway:
             raise TraceNotFound(job_id)
         return spans
 
-    async def model_info(self, card: ModelCard) -> pb.ModelInfo:
-        return pb.ModelInfo(
+    async def model_info(self, name: str) -> ModelInfo:
+        """A served model's limits, live replicas and queue depth right now."""
+        card = self.cards[name]
+        return ModelInfo(
             name=card.name,
             context_length=card.context_length,
             canvas_length=card.canvas_length,
@@ -465,7 +176,7 @@ class Gateway:
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_RuntimeServicer_to_server(_Servicer(self), server)
+        pb_grpc.add_RuntimeServicer_to_server(RuntimeServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.settings.reflection:
             names = (

@@ -1,53 +1,36 @@
-"""The gateway's edge: requests in as protobuf, validated with pydantic, out as a `JobSpec`.
+"""The gateway's edge: a request as plain data in, validated with pydantic, a `JobSpec` out.
 
-Everything a client can get wrong is caught here, before anything reaches Redis or Ray, and raised as
+`validate_submit` is the one way in: it checks the request's shape and limits (no model needed), then
+that the prompt and the new tokens fit the model's context, and builds the job to queue. Everything a
+client can get wrong is caught here, before anything reaches Redis or Ray, and raised as
 `InvalidArgument(field, reason)` with the field's path in the request (`generation.settings.t_min`),
-`ModelNotFound` for an unknown model. The prompt is counted with the model's own tokenizer.
+`ModelNotFound` for an unknown model. The prompt is counted with the model's own tokenizer. The
+request comes as plain data (`blockpress.runtime.convert.request_to_dict` for gRPC), so any front can
+use it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Collection
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from blockpress.runtime._pb import runtime_pb2 as pb
-from blockpress.runtime.config import RuntimeSettings, model_name
+from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import InvalidArgument, InvalidSettings, ModelNotFound
-from blockpress.runtime.contracts.jobs import JobSpec
-from blockpress.runtime.contracts.settings import TRANSFORMERS_DEFAULTS, DenoiseSettings
+from blockpress.runtime.contracts.jobs import JobSpec, new_job_id
+from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.runtime.gateway.cards import ModelCard
 
-__all__ = [
-    "AgentIn",
-    "GenerationIn",
-    "ModelCard",
-    "SubmitIn",
-    "check_against_model",
-    "load_model_card",
-    "parse_submit",
-]
+__all__ = ["AgentIn", "GenerationIn", "SubmitIn", "validate_submit"]
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _json_object(value: str, what: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(value) if value else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{what} must be a JSON object, got {type(parsed).__name__}")
-    return parsed
 
 
 class ToolCallIn(_Strict):
@@ -132,71 +115,57 @@ class SubmitIn(_Strict):
         return value
 
 
-@dataclass(frozen=True, slots=True)
-class ModelCard:
-    """What the gateway knows about a served model: its limits, its defaults and its tokenizer."""
+def validate_submit(
+    raw: Mapping[str, Any],
+    *,
+    settings: RuntimeSettings,
+    cards: Mapping[str, ModelCard],
+    default_model: str,
+    deadline: float | None = None,
+    trace_context: Mapping[str, str] | None = None,
+    agent_tools: Collection[str] | None = None,
+) -> JobSpec:
+    """The job to queue for a request, or the `InvalidArgument` / `ModelNotFound` to answer.
 
-    name: str
-    path: str
-    context_length: int
-    canvas_length: int
-    dtype: str
-    default_max_new_tokens: int
-    tokenizer: Any
-
-    def count_prompt(self, body: GenerationIn | AgentIn, *, limit: int | None = None) -> int:
-        """Prompt tokens exactly as the engine will count them.
-
-        With `limit`, a prompt whose UTF-8 bytes (plus room for special tokens) are within `limit` is
-        not tokenized and its byte bound is returned instead: every token of a byte-level or
-        byte-fallback tokenizer covers at least one byte, so such a prompt fits for certain, and the
-        common short request skips the tokenizer, the largest cost of admission.
-        """
-        if isinstance(body, GenerationIn) and body.prompt:
-            text, special = body.prompt, True
-        else:
-            messages = [m.to_template() for m in body.messages]
-            if isinstance(body, AgentIn) and body.task.strip() and not messages:
-                messages = [{"role": "user", "content": body.task}]
-            tools = [t.to_template() for t in body.tools] if isinstance(body, GenerationIn) and body.tools else None
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages, tools=tools, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:  # a template error is about the messages the caller sent
-                raise InvalidArgument("messages", f"the chat template cannot render them ({exc})") from None
-            special = False
-        bound = len(text.encode()) + _SPECIAL_ROOM
-        if limit is not None and bound <= limit:
-            return bound
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:  # the Rust tokenizer directly: a fraction of the Python wrapper's cost
-            return len(backend.encode(text, add_special_tokens=special).ids)
-        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-# Special tokens a tokenizer may add around a text (<bos>, a dummy prefix), for the byte bound above.
-_SPECIAL_ROOM = 16
-
-
-def load_model_card(path_or_id: str) -> ModelCard:
-    """Reads a checkpoint's config, generation config and tokenizer (no weights)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path_or_id)
-    text = getattr(config, "text_config", config)
-    gen_file = Path(path_or_id) / "generation_config.json"
-    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-    dtype = getattr(config, "dtype", None) or getattr(text, "dtype", None) or "bfloat16"
-    return ModelCard(
-        name=model_name(path_or_id),
-        path=path_or_id,
-        context_length=int(text.max_position_embeddings),
-        canvas_length=int(getattr(config, "canvas_length", 256) or 256),
-        dtype=str(dtype).removeprefix("torch."),
-        default_max_new_tokens=int(generation.get("max_new_tokens") or TRANSFORMERS_DEFAULTS["max_new_tokens"]),
-        tokenizer=AutoTokenizer.from_pretrained(path_or_id),
-    )
+    Args:
+        raw: the request as plain data (`request_to_dict`).
+        settings: the gateway's limits (prompt characters, messages, tools) and defaults.
+        cards: the served models by name; `default_model` serves a request that names none.
+        deadline: epoch seconds past which the client no longer waits.
+        trace_context: W3C headers of the submitting call, for the job's spans to join its trace.
+        agent_tools: the server-side tools the replicas offer, so that an agent task naming another is
+            refused here; None leaves that check to the replica.
+    """
+    request = _parse(raw, settings, agent_tools)
+    body = request.generation or request.agent
+    assert body is not None  # _parse refuses a request without a task
+    where = "generation" if request.generation is not None else "agent"
+    messages = [m.to_template() for m in body.messages]
+    card = _check_model(request, body, where, messages, cards, default_model)
+    common: dict[str, Any] = {
+        "job_id": request.job_id or new_job_id(),
+        "model": card.name,
+        "settings": dict(body.settings),  # validated by _parse, already without unset fields
+        "drafts": body.drafts,
+        "deadline": deadline,
+        "trace_context": dict(trace_context or {}),
+        "session_id": body.session_id or None,
+        "messages": messages or None,
+    }
+    if isinstance(body, GenerationIn):
+        return JobSpec(
+            kind="generate", prompt=body.prompt or None, tools=[t.to_template() for t in body.tools], **common
+        )
+    agent = {
+        "task": body.task,
+        "tools": list(body.tools),
+        # Filled here, so the job record shows the limit the task ran under and every replica applies
+        # the gateway's setting.
+        "max_turns": body.max_turns or settings.agent_default_max_turns,
+        "max_new_tokens": body.max_new_tokens or None,
+        "max_seconds": body.max_seconds or None,
+    }
+    return JobSpec(kind="agent", agent=agent, **common)
 
 
 def _field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
@@ -213,14 +182,8 @@ def _reason(msg: str) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
-def parse_submit(
-    raw: dict[str, Any], settings: RuntimeSettings, *, agent_tools: Collection[str] | None = None
-) -> SubmitIn:
-    """Validates a request's shape and size (no model needed), raising `InvalidArgument`.
-
-    `agent_tools` are the server-side tools the replicas offer; an agent task naming another is
-    refused here. None leaves that check to the replica.
-    """
+def _parse(raw: Mapping[str, Any], settings: RuntimeSettings, agent_tools: Collection[str] | None) -> SubmitIn:
+    """The request's shape and size, checked without a model."""
     try:
         request = SubmitIn.model_validate(raw)
     except ValidationError as exc:
@@ -266,22 +229,33 @@ def parse_submit(
     return request
 
 
-def check_against_model(request: SubmitIn, cards: dict[str, ModelCard], default: str) -> ModelCard:
+def _check_model(
+    request: SubmitIn,
+    body: GenerationIn | AgentIn,
+    where: str,
+    messages: list[dict[str, Any]],
+    cards: Mapping[str, ModelCard],
+    default: str,
+) -> ModelCard:
     """The request's model, after checking that the prompt and the new tokens fit its context."""
     name = request.model or default
     card = cards.get(name)
     if card is None:
         raise ModelNotFound(name, sorted(cards))
-    body = request.generation or request.agent
-    assert body is not None
-    where = "generation" if request.generation is not None else "agent"
     max_new = int(body.settings.get("max_new_tokens") or card.default_max_new_tokens)
     if isinstance(body, AgentIn) and body.max_new_tokens:
         max_new = min(max_new, body.max_new_tokens)
     # The engine reserves whole canvases for the new tokens; counting the same way keeps the gateway
     # from accepting a job the replica would refuse.
     reserved = math.ceil(max_new / card.canvas_length) * card.canvas_length
-    prompt_tokens = card.count_prompt(body, limit=card.context_length - reserved)
+    limit = card.context_length - reserved
+    if isinstance(body, GenerationIn):
+        tools = [t.to_template() for t in body.tools]
+        prompt_tokens = card.count_prompt(prompt=body.prompt, messages=messages, tools=tools, limit=limit)
+    else:
+        if body.task.strip() and not messages:  # the task is the user message of the first turn
+            messages = [{"role": "user", "content": body.task}]
+        prompt_tokens = card.count_prompt(messages=messages, limit=limit)
     if prompt_tokens + reserved > card.context_length:
         field = "prompt" if isinstance(body, GenerationIn) and body.prompt else "messages"
         raise InvalidArgument(
@@ -291,122 +265,3 @@ def check_against_model(request: SubmitIn, cards: dict[str, ModelCard], default:
             f"{card.context_length} tokens; shorten the prompt or lower max_new_tokens",
         )
     return card
-
-
-# ---- protobuf at the edge: requests in, domain types out ----------------------------------------------
-
-_SETTING_FIELDS = (
-    "max_new_tokens",
-    "max_denoising_steps",
-    "t_min",
-    "t_max",
-    "entropy_bound",
-    "stability_threshold",
-    "confidence_threshold",
-    "seed",
-)
-
-
-def _settings_dict(msg: pb.Settings) -> dict[str, Any]:
-    out: dict[str, Any] = {name: getattr(msg, name) for name in _SETTING_FIELDS if msg.HasField(name)}
-    if msg.stop_token_ids:
-        out["stop_token_ids"] = list(msg.stop_token_ids)
-    return out
-
-
-def _messages(msgs: Any, where: str) -> list[dict[str, Any]]:
-    out = []
-    for i, m in enumerate(msgs):
-        calls = []
-        for j, c in enumerate(m.tool_calls):
-            path = f"{where}.messages[{i}].tool_calls[{j}].arguments_json"
-            calls.append({"name": c.name, "arguments": _json_field(c.arguments_json, path)})
-        out.append({"role": m.role, "content": m.content, "name": m.name, "tool_calls": calls})
-    return out
-
-
-def _json_field(text: str, path: str) -> dict[str, Any]:
-    try:
-        return _json_object(text, "the value")
-    except ValueError as exc:
-        raise InvalidArgument(path, str(exc)) from None
-
-
-def request_to_dict(req: pb.SubmitRequest) -> dict[str, Any]:
-    """A SubmitRequest as plain data for `parse_submit`; JSON-in-string fields are parsed here."""
-    out: dict[str, Any] = {"model": req.model, "job_id": req.job_id}
-    which = req.WhichOneof("task")
-    if which == "generation":
-        g = req.generation
-        out["generation"] = {
-            "prompt": g.prompt,
-            "messages": _messages(g.messages, "generation"),
-            "settings": _settings_dict(g.settings),
-            "drafts": g.drafts,
-            "tools": [
-                {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": _json_field(t.parameters_json, f"generation.tools[{i}].parameters_json"),
-                }
-                for i, t in enumerate(g.tools)
-            ],
-            "session_id": g.session_id,
-        }
-    elif which == "agent":
-        a = req.agent
-        out["agent"] = {
-            "task": a.task,
-            "messages": _messages(a.messages, "agent"),
-            "tools": list(a.tools),
-            "max_turns": a.max_turns,
-            "max_new_tokens": a.max_new_tokens,
-            "max_seconds": a.max_seconds,
-            "settings": _settings_dict(a.settings),
-            "drafts": a.drafts,
-            "session_id": a.session_id,
-        }
-    return out
-
-
-def build_spec(
-    request: SubmitIn,
-    *,
-    job_id: str,
-    model: str,
-    deadline: float | None,
-    trace_context: dict[str, str],
-    default_max_turns: int | None = None,
-) -> JobSpec:
-    """The job to queue for a validated request.
-
-    `default_max_turns` fills an agent task's unset turn limit here, so the job record shows the limit
-    the task ran under and every replica applies the gateway's setting.
-    """
-    body = request.generation or request.agent
-    assert body is not None
-    common: dict[str, Any] = {
-        "job_id": job_id,
-        "model": model,
-        "settings": dict(body.settings),  # validated by parse_submit, already without unset fields
-        "drafts": body.drafts,
-        "deadline": deadline,
-        "trace_context": trace_context,
-        "session_id": body.session_id or None,
-        "messages": [m.to_template() for m in body.messages] or None,
-    }
-    if isinstance(body, GenerationIn):
-        return JobSpec(
-            kind="generate",
-            prompt=body.prompt or None,
-            tools=[t.to_template() for t in body.tools],
-            **common,
-        )
-    agent = {
-        "task": body.task,
-        "tools": list(body.tools),
-        "max_turns": body.max_turns or default_max_turns,
-        "max_new_tokens": body.max_new_tokens or None,
-        "max_seconds": body.max_seconds or None,
-    }
-    return JobSpec(kind="agent", agent=agent, **common)

@@ -23,7 +23,7 @@ How nothing is lost or done twice:
 - Each start increments `attempt`; every later write of that run (`heartbeat`, `append_event`,
   `finish`) checks it, so a replica that lost its lease cannot write over the new attempt.
 - `finish` writes the final state and event and retires the stream entry in one script. If a
-  writer ever dies between the write and the ack (`write_final`), the next delivery sees a final
+  writer ever dies between the write and the ack, the next delivery sees a final
   job and only acknowledges it.
 - A delivery that must not run is settled by `claim`: cancelled -> CANCELLED, past its deadline ->
   EXPIRED (never started), after `max_deliveries` deliveries -> DEAD_LETTERED with its last error and
@@ -41,7 +41,6 @@ All scripts assume one Redis (or keys of one job and its model in one slot); key
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -51,37 +50,23 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from blockpress.runtime.contracts.errors import JobFinished, JobNotFound, QueueFull
+from blockpress.runtime.contracts.events import (
+    Cancelled,
+    DeadLettered,
+    ErrorInfo,
+    Expired,
+    Failed,
+    Payload,
+    to_data,
+)
 from blockpress.runtime.contracts.jobs import FINAL_EVENT_TYPES, Event, JobRecord, JobSpec, JobState, dumps, loads
 from blockpress.runtime.contracts.keys import GROUP, JobField, Keys
+from blockpress.runtime.queue.claim import Claim
 
 __all__ = ["TRANSIENT_ERRORS", "Claim", "JobQueue"]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a queue call raises while Redis is unreachable or restarting: retry, the data is safe."""
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One delivery of a job to a replica that is allowed to run it; pass it back to every write."""
-
-    spec: JobSpec
-    entry_id: str
-    """The job's id in the model stream."""
-    consumer: str
-    """The replica that holds the lease."""
-    attempt: int
-    deliveries: int
-    previous_error: dict[str, str] | None
-    """The last attempt's error when this is a retry (e.g. WORKER_LOST after a crash)."""
-    claimed_at: float
-
-    @property
-    def job_id(self) -> str:
-        return self.spec.job_id
-
-    @property
-    def model(self) -> str:
-        return self.spec.model
 
 
 def _script(name: str) -> str:
@@ -361,9 +346,9 @@ class JobQueue:
         `result` is the `completed` payload (SUCCEEDED); `error` is `{code, message}` (FAILED). The final
         event's data defaults to what the state implies; `event_data` overrides it.
         """
-        return await self.write_final(claim, state, result=result, error=error, event_data=event_data, ack=True)
+        return await self._write_final(claim, state, result=result, error=error, event_data=event_data, ack=True)
 
-    async def write_final(
+    async def _write_final(
         self,
         claim: Claim,
         state: JobState,
@@ -371,10 +356,10 @@ class JobQueue:
         result: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
         event_data: dict[str, Any] | None = None,
-        ack: bool = False,
+        ack: bool,
     ) -> bool:
-        """`finish`, with the acknowledgement optional. Without it the stream entry stays pending and
-        its next delivery only acknowledges it: the crash window a fault test reproduces."""
+        # Protected: only `finish` (ack=True) and fault tests (ack=False: the stream entry stays pending,
+        # the crash window between the final write and the ack) call it.
         if not state.is_final:
             raise ValueError(f"finish needs a final state, got {state}")
         if event_data is None:
@@ -401,10 +386,14 @@ def _final_event_data(
 ) -> dict[str, Any]:
     if state is JobState.SUCCEEDED:
         return dict(result or {})
+    info = ErrorInfo(**error) if error else ErrorInfo(message="failed")
+    payload: Payload
     if state is JobState.FAILED:
-        return {"error": error or {"code": "INTERNAL", "message": "failed"}, "attempt": claim.attempt}
-    if state is JobState.CANCELLED:
-        return {"reason": "cancelled by the client"}
-    if state is JobState.EXPIRED:
-        return {"deadline": claim.spec.deadline}
-    return {"error": error, "deliveries": claim.deliveries}
+        payload = Failed(error=info, attempt=claim.attempt)
+    elif state is JobState.CANCELLED:
+        payload = Cancelled(reason="cancelled by the client")
+    elif state is JobState.EXPIRED:
+        payload = Expired(deadline=claim.spec.deadline)
+    else:
+        payload = DeadLettered(error=info, deliveries=claim.deliveries)
+    return to_data(payload)[1]

@@ -1,1 +1,1 @@
-"""The Python SDK: `AsyncClient` and `Client` over the gateway's gRPC API."""
+"""The Python SDK: `AsyncClient` (`aio.py`) over the gateway's gRPC API, and `Client` (`sync.py`) over it."""

@@ -5,8 +5,8 @@ bounded buffer; a background thread turns spans into JSON and writes them in pip
 the buffer is full (Redis slow or gone) spans are dropped and counted, never waited for: a job must not
 slow down or fail because its trace could not be kept.
 
-Layout (prefix `bp:traces`, as `keys.py` reserves), every key expiring `retention_s` after the newest
-span it holds ended:
+Layout (prefix `bp:traces`, which `blockpress.runtime.contracts.keys` reserves), every key expiring
+`retention_s` after the newest span it holds ended:
 
 - `{prefix}:spans:{trace_id}`: hash, span id -> span JSON (idempotent under re-export);
 - `{prefix}:job:{job_id}`: the trace id of a job, from spans carrying `blockpress.job.id`;

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -24,19 +24,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from blockpress.runtime.tracing.names import Attr, SpanName
 
-if TYPE_CHECKING:
-    from blockpress.workers.types import CanvasEvent, DraftEvent, GenerationResult, StreamEvent
-
 __all__ = [
     "Attr",
     "SpanName",
-    "TracedEngine",
     "extract_context",
     "get_tracer",
     "inject_context",
     "record_queue_wait",
     "setup_tracing",
-    "trace_stream",
 ]
 
 _INSTRUMENTATION: Final = "blockpress"
@@ -156,147 +151,3 @@ def record_queue_wait(
         start_time=start_ns,
     )
     span.end(end_time=end_ns)
-
-
-class TracedEngine:
-    """An engine with the same surface whose `stream` and `generate` record engine spans.
-
-    Everything but `stream` and `generate` is passed through to the wrapped engine untouched.
-    """
-
-    def __init__(self, engine: Any, *, tracer: trace.Tracer | None = None) -> None:
-        self._engine = engine
-        self._tracer = tracer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[StreamEvent]:
-        return trace_stream(self._engine.stream(*args, **kwargs), tracer=self._tracer)
-
-    def generate(self, *args: Any, **kwargs: Any) -> GenerationResult:
-        from blockpress.workers.types import EndEvent
-
-        for event in self.stream(*args, **kwargs):
-            if isinstance(event, EndEvent):
-                return event.result
-        raise RuntimeError("the engine's stream ended without an EndEvent")
-
-
-def trace_stream(events: Iterable[StreamEvent], *, tracer: trace.Tracer | None = None) -> Iterator[StreamEvent]:
-    """Pass an engine stream through, recording `engine.prefill` and one `engine.canvas` per canvas.
-
-    Spans are parented on the context current when iteration starts (the replica's `replica.run`).
-    A denoising step costs one clock read and one list append here; the span and its step events are
-    built once per canvas, when the canvas is committed, so tracing stays off the step loop.
-    """
-    from blockpress.workers.types import CanvasEvent, DraftEvent, EndEvent
-
-    tracer = tracer or get_tracer()
-    recorder = _StreamRecorder(tracer, otel_context.get_current(), time.time_ns())
-    if not recorder.prefill.is_recording():
-        yield from events
-        return
-    steps = recorder.steps
-    try:
-        for event in events:
-            now = time.time_ns()
-            if type(event) is DraftEvent:
-                steps.append((now, event))
-            elif isinstance(event, CanvasEvent):
-                recorder.canvas(now, event)
-            elif isinstance(event, EndEvent):
-                recorder.end(event.result)
-            yield event
-    except Exception as exc:  # not GeneratorExit: a consumer that stops early is no failure
-        recorder.fail(exc)
-        raise
-    finally:
-        recorder.close()
-
-
-class _StreamRecorder:
-    """Turns the events of one engine stream into spans; see `trace_stream`."""
-
-    def __init__(self, tracer: trace.Tracer, parent: otel_context.Context, start_ns: int) -> None:
-        self.tracer = tracer
-        self.parent = parent
-        self.start_ns = start_ns
-        self.prefill = tracer.start_span(SpanName.ENGINE_PREFILL, context=parent, start_time=start_ns)
-        self.prefill_open = True
-        self.steps: list[tuple[int, DraftEvent]] = []
-        self.canvas_start_ns: int | None = None
-
-    def _canvas_start(self, now: int, step_s: float) -> int:
-        # The engine reports nothing when prefill ends; it ended one step before the first step was
-        # reported, which is exact enough for a waterfall and costs nothing.
-        if self.steps:
-            now, step_s = self.steps[0][0], self.steps[0][1].step_s
-        if self.canvas_start_ns is None:
-            self.canvas_start_ns = max(self.start_ns, now - int(step_s * 1e9))
-        return self.canvas_start_ns
-
-    def _canvas_span(self, start: int, attributes: dict[str, Any]) -> trace.Span:
-        span = self.tracer.start_span(
-            SpanName.ENGINE_CANVAS, context=self.parent, start_time=start, attributes=attributes
-        )
-        for at, d in self.steps:
-            span.add_event(SpanName.STEP_EVENT, _step(d.step, d.step_s, d.accepted, d.mean_entropy), timestamp=at)
-        self.steps.clear()
-        return span
-
-    def canvas(self, now: int, event: CanvasEvent) -> None:
-        stats = event.stats
-        start = self._canvas_start(now, sum(stats.step_s))
-        had_drafts = bool(self.steps)
-        span = self._canvas_span(
-            start,
-            {
-                Attr.CANVAS_INDEX: stats.index,
-                Attr.CANVAS_STEPS: stats.steps,
-                Attr.CANVAS_MAX_STEPS: stats.max_steps,
-                Attr.CANVAS_TOKENS: stats.tokens_committed,
-                Attr.CANVAS_MEAN_ENTROPY: stats.mean_entropy,
-            },
-        )
-        if not had_drafts:
-            # No drafts were streamed: the canvas's own statistics still give every step but its entropy.
-            at = start
-            # Steps count from 1, as the engine's `DraftEvent.step` does.
-            for i, (step_s, accepted) in enumerate(zip(stats.step_s, stats.accepted_per_step, strict=False), 1):
-                at += int(step_s * 1e9)
-                span.add_event(SpanName.STEP_EVENT, _step(i, step_s, accepted, None), timestamp=at)
-        span.end(end_time=now)
-        self.canvas_start_ns = now
-
-    def end(self, result: GenerationResult) -> None:
-        self.prefill.set_attribute(Attr.GEN_AI_INPUT_TOKENS, result.prompt_tokens)
-        self.prefill.set_attribute(Attr.PREFILL_TOKENS, result.prefilled_tokens)
-        self.prefill.end(end_time=self.start_ns + int(result.timings.prefill_s * 1e9))
-        self.prefill_open = False
-
-    def fail(self, exc: Exception) -> None:
-        """Mark the stage the engine was in when it raised (cancelled, broken) as failed."""
-        if self.steps:
-            index, taken = self.steps[0][1].canvas_index, len(self.steps)
-            span = self._canvas_span(self._canvas_start(0, 0.0), {Attr.CANVAS_INDEX: index, Attr.CANVAS_STEPS: taken})
-        elif self.canvas_start_ns is None:
-            span = self.prefill
-        else:
-            return
-        span.record_exception(exc)
-        span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
-        if span is not self.prefill:
-            span.end()
-
-    def close(self) -> None:
-        if self.prefill_open:
-            self.prefill.end(end_time=self.canvas_start_ns)
-            self.prefill_open = False
-
-
-def _step(step: int, step_s: float, accepted: int, mean_entropy: float | None) -> dict[str, Any]:
-    attributes: dict[str, Any] = {Attr.STEP: step, Attr.STEP_MS: step_s * 1e3, Attr.ACCEPTED: accepted}
-    if mean_entropy is not None:
-        attributes[Attr.MEAN_ENTROPY] = mean_entropy
-    return attributes

@@ -1,8 +1,9 @@
 """Faults of replicas and of Redis: nothing accepted is lost, nothing ends twice.
 
 Real parts throughout: Ray actors holding the engine on a tiny checkpoint, a real redis-server with
-its append-only file, kill -9 of real processes. Replicas run with `BLOCKPRESS_TEST_FAULTS=1`, which
-lets a prompt ask the runner to crash (see `blockpress.workers.runner`).
+its append-only file, kill -9 of real processes. Replicas run with the test's fault injector
+(`blockpress.workers.testing.PromptFaults`), which lets a prompt ask the runner to crash; a replica
+without one never looks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from blockpress.runtime.contracts.jobs import Event, JobSpec, JobState
 from blockpress.runtime.contracts.keys import GROUP, Keys
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.pool import ReplicaPool
-from blockpress.workers.runner import FAULTS_ENV
+from blockpress.workers.testing import PromptFaults
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def make_pool(ray_cluster: Any, tiny_checkpoint: Path) -> Iterator[PoolFactory]:
             redis_url=redis_url,
             queue_options=QUEUE_OPTIONS,
             device="cpu",
-            env={FAULTS_ENV: "1"},
+            faults=PromptFaults(),
             name_prefix=f"f{uuid.uuid4().hex[:6]}-",
             torch_threads=1,
         )

@@ -1,7 +1,8 @@
 """An agent task end to end: gRPC gateway, real Redis, the replica's job runner, the agent loop.
 
 The runner is the one every replica runs (`blockpress.workers.runner.JobRunner`), here in-process
-with the scripted model standing in for the engine: a random-weight checkpoint never calls a tool.
+on a `FakeEngine` with the scripted model as the agent's model: a random-weight checkpoint never calls
+a tool.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from blockpress.agents.testing import ScriptedModel, call
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.gateway.cards import load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.runner import JobRunner
+from blockpress.workers.testing import FakeEngine
 
 
 def _answer(messages: Sequence[Message]) -> str:
@@ -37,7 +39,9 @@ async def service(redis_client: Any, tiny_checkpoint: Path) -> AsyncIterator[tup
     gateway = Gateway(RuntimeSettings(port=0), queue, {card.name: card})
     await gateway.start()
     model = ScriptedModel([call("calculator", expression="37*41+12"), _answer])
-    runner = JobRunner(model, queue, model=card.name, replica_id="replica-1")
+    runner = JobRunner(
+        FakeEngine(), queue, model=card.name, replica_id="replica-1", agent_options=lambda _: {"model": model}
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop, block_ms=200))
     await queue.beat(card.name, "replica-1")

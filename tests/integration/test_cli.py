@@ -82,21 +82,16 @@ def test_serve_generate_and_stop(tmp_path: Path, tiny_checkpoint: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_a_generation_and_an_agent_task_then_stops() -> None:
-    from blockpress.runtime.config import DEFAULT_MODEL_DIR
-
     done = run("demo", "--max-new-tokens", "32", "--max-turns", "2", timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    shipped = (DEFAULT_MODEL_DIR / "config.json").is_file()
-    if shipped:
-        assert "model tiny-calculator" in out  # the shipped checkpoint, not a random-weight stand-in
+    assert "model tiny-calculator" in out  # the shipped checkpoint, not a random-weight stand-in
     generation, _, rest = out.partition("=== agent task, tool: calculator ===")
     assert "=== generation ===" in generation and "timings: " in generation
-    if shipped:
-        # The plain generation sends a chat turn with the calculator declared: the trained model calls it
-        # (whether it copies the digits right is the accuracy-floor test's business).
-        assert 'tool call: calculator({"expression": "' in generation, generation
-        assert "stop: tool_call" in generation, generation
+    # The plain generation sends a chat turn with the calculator declared: the trained model calls it
+    # (whether it copies the digits right is the accuracy-floor test's business).
+    assert 'tool call: calculator({"expression": "' in generation, generation
+    assert "stop: tool_call" in generation, generation
     agent, _, waterfall = rest.partition("=== where the agent task's time went (blockpress trace) ===")
     assert "[turn 0]" in agent and "stop: " in agent and "turns: " in agent
     assert "replica.run" in waterfall and "agent.turn" in waterfall

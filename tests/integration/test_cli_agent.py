@@ -19,11 +19,12 @@ from blockpress.agents.model import Message
 from blockpress.agents.testing import ScriptedModel, call
 from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.gateway.cards import load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.runtime.tracing.telemetry import SpanName, setup_tracing
 from blockpress.workers.runner import JobRunner
+from blockpress.workers.testing import FakeEngine
 
 
 def answer(messages: Sequence[Message]) -> str:
@@ -37,7 +38,10 @@ async def running(redis_client: Any, redis_url: str, checkpoint: Path, turns: li
     gateway_settings = RuntimeSettings(port=0, redis_url=redis_url)
     gateway = Gateway(gateway_settings, queue, {card.name: card}, agent_tools=server_tools(gateway_settings))
     await gateway.start()
-    runner = JobRunner(ScriptedModel(turns), queue, model=card.name, replica_id="replica-1")
+    model = ScriptedModel(turns)
+    runner = JobRunner(
+        FakeEngine(), queue, model=card.name, replica_id="replica-1", agent_options=lambda _: {"model": model}
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop, block_ms=100))
     await queue.beat(card.name, "replica-1")

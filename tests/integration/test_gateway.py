@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.gateway.cards import ModelCard, load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import ModelCard, load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
 
 

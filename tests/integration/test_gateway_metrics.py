@@ -10,8 +10,8 @@ from typing import Any
 
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.jobs import JobSpec
+from blockpress.runtime.gateway.cards import load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
 
 

@@ -15,7 +15,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from blockpress.runtime.tracing.telemetry import Attr, SpanName, setup_tracing, trace_stream
+from blockpress.runtime.tracing.telemetry import Attr, SpanName, setup_tracing
+from blockpress.workers.traced import trace_stream
 from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
 
 

@@ -76,8 +76,8 @@ async def test_a_full_queue_refuses_new_jobs_with_a_retry_hint_but_not_resubmits
 
 async def test_a_job_runs_once_and_leaves_the_stream(redis_client: Any) -> None:
     queue = JobQueue(redis_client, retention_s=600)
-    await queue.submit(spec("a"))
-    assert await queue.oldest_age(MODEL) >= 0
+    await queue.submit(spec("a", submitted_at=time.time() - 30))
+    assert 30 <= await queue.oldest_age(MODEL) < 90  # its age counts from submission, not from now
     claim = await queue.claim(MODEL, "r1", block_ms=100)
     assert claim is not None and claim.attempt == 1 and claim.spec.prompt == "prompt of a"
     assert (await queue.get("a")).state is JobState.RUNNING
@@ -136,7 +136,7 @@ async def test_a_crash_between_the_final_write_and_the_ack_still_gives_one_resul
     await queue.submit(spec("a"))
     claim = await queue.claim(MODEL, "r1", block_ms=100)
     assert claim is not None
-    assert await queue.write_final(claim, JobState.SUCCEEDED, result={"text": "once"}, ack=False)
+    assert await queue._write_final(claim, JobState.SUCCEEDED, result={"text": "once"}, ack=False)
     assert (await redis_client.xpending(KEYS.queue(MODEL), GROUP))["pending"] == 1
     await asyncio.sleep(0.45)
     assert await queue.claim(MODEL, "r2", block_ms=100) is None, "a final job is acknowledged, not rerun"

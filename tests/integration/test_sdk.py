@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from blockpress.runtime import AsyncClient, Client, JobState
+from blockpress.runtime import AsyncClient, Client, Job, JobState, ModelInfo
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import (
     InvalidArgument,
@@ -35,8 +35,8 @@ from blockpress.runtime.contracts.errors import (
     QueueFull,
     ServiceUnavailable,
 )
+from blockpress.runtime.gateway.cards import load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.pool import ReplicaPool
 
@@ -200,7 +200,9 @@ def test_overload_refuses_and_every_accepted_job_completes(client: Client) -> No
     busy.cancel()
     assert len(accepted) == 3 and len(refused) == 9  # max_queue=3 while the only replica is busy
     for handle in accepted:
-        assert handle.result(timeout=120).text is not None
+        result = handle.result(timeout=120)
+        assert result.job_id == handle.job_id and result.token_ids
+        assert result.usage.completion_tokens == len(result.token_ids)
         assert handle.status() is JobState.SUCCEEDED
 
 
@@ -236,7 +238,10 @@ def test_async_client_end_to_end(gw: GatewayThread) -> None:
             with pytest.raises(InvalidArgument):
                 await ac.submit("", **FAST)
             (model,) = await ac.models()
-            assert model.replicas_live == 1
+            assert isinstance(model, ModelInfo) and model.replicas_live == 1
+            job = await ac.get_job(handle.job_id)
+            assert isinstance(job, Job) and job.state is JobState.SUCCEEDED and job.kind == "generate"
+            assert job.result is not None and job.result.token_ids and type(job.result.usage.prompt_tokens) is int
 
     asyncio.run(main())
 

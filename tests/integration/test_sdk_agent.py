@@ -22,10 +22,11 @@ from blockpress.runtime import AgentResult, AgentToolCall, AsyncClient, Client, 
 from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import InvalidArgument
+from blockpress.runtime.gateway.cards import load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.runner import JobRunner
+from blockpress.workers.testing import FakeEngine
 
 QUESTION = "What is 37*41+12?"
 
@@ -48,7 +49,9 @@ async def running(
     gateway = Gateway(gateway_settings, queue, {card.name: card}, agent_tools=server_tools(gateway_settings))
     await gateway.start()
     model = ScriptedModel(turns)
-    runner = JobRunner(model, queue, model=card.name, replica_id="replica-1")
+    runner = JobRunner(
+        FakeEngine(), queue, model=card.name, replica_id="replica-1", agent_options=lambda _: {"model": model}
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop, block_ms=100))
     await queue.beat(card.name, "replica-1")

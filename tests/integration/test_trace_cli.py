@@ -14,7 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from blockpress.runtime.cli.trace import add_trace_commands
 from blockpress.runtime.tracing.store import TraceStore, TraceStoreProcessor
-from blockpress.runtime.tracing.telemetry import Attr, SpanName, trace_stream
+from blockpress.runtime.tracing.telemetry import Attr, SpanName
+from blockpress.workers.traced import trace_stream
 from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, EndEvent, GenerationResult, Timings
 
 

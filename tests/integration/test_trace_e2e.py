@@ -33,16 +33,17 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from blockpress.runtime import AsyncClient
 from blockpress.runtime.cli.trace import run_trace
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.gateway.cards import load_model_card
 from blockpress.runtime.gateway.server import Gateway
-from blockpress.runtime.gateway.validation import load_model_card
 from blockpress.runtime.queue.jobqueue import JobQueue
-from blockpress.runtime.sdk.client import AsyncClient
 from blockpress.runtime.tracing.store import SpanRecord, TraceStore
-from blockpress.runtime.tracing.telemetry import Attr, SpanName, TracedEngine, setup_tracing
+from blockpress.runtime.tracing.telemetry import Attr, SpanName, setup_tracing
 from blockpress.workers.engine import DiffusionEngine
 from blockpress.workers.runner import JobRunner
+from blockpress.workers.traced import TracedEngine
 
 pytestmark = pytest.mark.slow
 

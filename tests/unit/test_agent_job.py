@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from blockpress.agents import InMemoryLedger, run_agent_job
+from blockpress.agents import InMemoryLedger
 from blockpress.agents.model import Message
+from blockpress.runtime.contracts.events import Completed, to_data
 from blockpress.runtime.contracts.jobs import JobSpec
 from blockpress.workers import DiffusionEngine, InvalidRequest
+from blockpress.workers.agent_job import run_agent_job
 
 CALL = '<|tool_call>call:calculator{expression:<|"|>6*7<|"|>}<tool_call|>'
 
@@ -33,13 +35,15 @@ def _spec(**agent: Any) -> JobSpec:
 def test_an_agent_job_emits_its_events_and_returns_the_completed_payload(engine: DiffusionEngine) -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     ledger = InMemoryLedger()
-    payload = run_agent_job(
+    completed = run_agent_job(
         engine,
         _spec(max_turns=2),
-        emit=lambda kind, data: events.append((kind, data)),
+        emit=lambda payload: events.append(to_data(payload)),
         ledger=ledger,
         pin=_pin_call_first,
     )
+    assert isinstance(completed, Completed)
+    _, payload = to_data(completed)
     kinds = [k for k, _ in events]
     assert kinds[0] == "turn" and "canvas" in kinds
     call = next(d for k, d in events if k == "tool_call")
@@ -66,4 +70,4 @@ def test_an_agent_job_emits_its_events_and_returns_the_completed_payload(engine:
 )
 def test_bad_agent_tasks_are_invalid_requests(engine: DiffusionEngine, agent: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequest, match=field):
-        run_agent_job(engine, _spec(**agent), emit=lambda kind, data: None)
+        run_agent_job(engine, _spec(**agent), emit=lambda payload: None)

@@ -49,7 +49,7 @@ def test_wheel_installs_the_blockpress_namespace(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("blockpress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "blockpress/workers/engine.py" in names
-    assert "blockpress/workers/chat_template.jinja" in names
+    assert "blockpress/workers/checkpoints/tiny-calculator/chat_template.jinja" in names
     assert "blockpress/workers/checkpoints/tiny-calculator/model.safetensors" in names  # serve's default
     assert "blockpress/runtime/queue/lua/submit.lua" in names  # the queue's atomic scripts are package data
     assert not any(n.startswith(("runtime/", "workers/", "agents/")) for n in names)  # no top-level `agents`

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -10,16 +12,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from blockpress.runtime.tracing.telemetry import (
-    Attr,
-    SpanName,
-    TracedEngine,
-    extract_context,
-    inject_context,
-    record_queue_wait,
-    trace_stream,
-)
+from blockpress.runtime.tracing.telemetry import Attr, SpanName, extract_context, inject_context, record_queue_wait
 from blockpress.workers.errors import GenerationCancelled
+from blockpress.workers.traced import TracedEngine, trace_stream
 from blockpress.workers.types import (
     CanvasEvent,
     CanvasStats,
@@ -135,14 +130,40 @@ def test_traced_engine_generate_returns_the_result_and_delegates_the_rest(spans)
     class Engine:
         model_name = "tiny"
 
-        def stream(self, prompt: str) -> Iterator[StreamEvent]:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        def stream(self, prompt: str, settings: Any = None, **kwargs: Any) -> Iterator[StreamEvent]:
             assert prompt == "hi"
+            self.calls.append({"settings": settings, **kwargs})
             return _stream()
 
-    engine = TracedEngine(Engine(), tracer=tracer)
+    inner = Engine()
+    engine = TracedEngine(inner, tracer=tracer)  # type: ignore[arg-type]
     assert engine.model_name == "tiny"
-    assert engine.generate("hi").prompt_tokens == 12
+    cancel = threading.Event()
+    assert engine.generate("hi", cancel=cancel, template=[None, 7]).prompt_tokens == 12
+    assert inner.calls == [{"settings": None, "cancel": cancel, "session": None, "template": [None, 7]}]
     assert len(_by_name(exporter.get_finished_spans(), SpanName.ENGINE_CANVAS)) == 2
+    # The wrapper spells out the seam instead of forwarding whatever is asked of it.
+    assert not hasattr(TracedEngine, "__getattr__")
+
+
+def test_a_traced_stream_closed_early_closes_the_engines_stream(spans):
+    tracer, _ = spans
+    closed = []
+
+    def engine_stream() -> Iterator[StreamEvent]:
+        try:
+            yield from _stream()
+        finally:
+            closed.append(True)
+
+    inner = engine_stream()
+    traced = trace_stream(inner, tracer=tracer)
+    next(traced)
+    traced.close()
+    assert closed == [True]
 
 
 def test_context_travels_through_w3c_headers(spans):

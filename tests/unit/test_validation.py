@@ -14,14 +14,10 @@ from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts import errors
-from blockpress.runtime.gateway.validation import (
-    ModelCard,
-    build_spec,
-    check_against_model,
-    load_model_card,
-    parse_submit,
-    request_to_dict,
-)
+from blockpress.runtime.contracts.jobs import JobSpec
+from blockpress.runtime.convert import request_to_dict
+from blockpress.runtime.gateway.cards import ModelCard, load_model_card
+from blockpress.runtime.gateway.validation import validate_submit
 from blockpress.workers import errors as engine_errors
 
 SETTINGS = RuntimeSettings(max_prompt_chars=10_000, max_messages=4, max_tools=2)
@@ -36,9 +32,11 @@ def gen(**fields: Any) -> pb.SubmitRequest:
     return pb.SubmitRequest(generation=pb.GenerationTask(**fields))
 
 
-def validate(request: pb.SubmitRequest, card: ModelCard) -> ModelCard:
-    parsed = parse_submit(request_to_dict(request), SETTINGS)
-    return check_against_model(parsed, {card.name: card}, card.name)
+def validate(request: pb.SubmitRequest, card: ModelCard, settings: RuntimeSettings = SETTINGS, **kw: Any) -> JobSpec:
+    """The one way a request is admitted: plain data from the proto, then `validate_submit`."""
+    return validate_submit(
+        request_to_dict(request), settings=settings, cards={card.name: card}, default_model=card.name, **kw
+    )
 
 
 BAD: list[tuple[str, pb.SubmitRequest, str, str]] = [
@@ -196,8 +194,9 @@ def test_a_good_request_becomes_a_spec(card: ModelCard) -> None:
             session_id="s1",
         ),
     )
-    parsed = parse_submit(request_to_dict(request), SETTINGS)
-    spec = build_spec(parsed, job_id="job-1", model=card.name, deadline=123.0, trace_context={"traceparent": "x"})
+    spec = validate(request, card, deadline=123.0, trace_context={"traceparent": "x"})
+    assert (spec.job_id, spec.model) == ("job-1", card.name)
+    assert spec.trace_context == {"traceparent": "x"}
     assert spec.kind == "generate" and spec.prompt is None
     assert spec.messages == [{"role": "user", "content": "2+2?"}]
     assert spec.settings == {"max_new_tokens": 16, "seed": 7, "stop_token_ids": [1, 5]}
@@ -212,9 +211,8 @@ def test_a_good_request_becomes_a_spec(card: ModelCard) -> None:
 
 def test_agent_request_becomes_an_agent_spec(card: ModelCard) -> None:
     request = pb.SubmitRequest(agent=pb.AgentTask(task="add", tools=["calculator"], max_turns=3, max_seconds=9.5))
-    parsed = parse_submit(request_to_dict(request), SETTINGS)
-    spec = build_spec(parsed, job_id="a", model=card.name, deadline=None, trace_context={})
-    assert spec.kind == "agent"
+    spec = validate(request, card)
+    assert spec.kind == "agent" and spec.job_id and spec.deadline is None
     assert spec.agent == {
         "task": "add",
         "tools": ["calculator"],
@@ -224,27 +222,27 @@ def test_agent_request_becomes_an_agent_spec(card: ModelCard) -> None:
     }
 
 
-def test_an_unknown_agent_tool_is_refused_naming_the_known_ones() -> None:
+def test_an_unknown_agent_tool_is_refused_naming_the_known_ones(card: ModelCard) -> None:
     request = pb.SubmitRequest(agent=pb.AgentTask(task="add", tools=["calculator", "rm_rf"]))
     with pytest.raises(errors.InvalidArgument) as bad:
-        parse_submit(request_to_dict(request), SETTINGS, agent_tools=server_tools(SETTINGS))
+        validate(request, card, agent_tools=server_tools(SETTINGS))
     assert bad.value.field == "agent.tools"
     assert "'rm_rf'" in bad.value.reason and "calculator" in bad.value.reason and "python" in bad.value.reason
 
 
-def test_http_get_is_a_known_tool_only_with_allowed_hosts() -> None:
+def test_http_get_is_a_known_tool_only_with_allowed_hosts(card: ModelCard) -> None:
     request = pb.SubmitRequest(agent=pb.AgentTask(task="fetch", tools=["http_get"]))
     with pytest.raises(errors.InvalidArgument, match="'http_get'") as bad:
-        parse_submit(request_to_dict(request), SETTINGS, agent_tools=server_tools(SETTINGS))
+        validate(request, card, agent_tools=server_tools(SETTINGS))
     assert bad.value.field == "agent.tools" and "http_get" not in bad.value.reason.partition("have:")[2]
     allowed = SETTINGS.model_copy(update={"agent_http_allowed_hosts": ("example.org",)})
-    assert parse_submit(request_to_dict(request), allowed, agent_tools=server_tools(allowed)).agent is not None
+    spec = validate(request, card, allowed, agent_tools=server_tools(allowed))
+    assert spec.agent is not None and spec.agent["tools"] == ["http_get"]
 
 
-def test_an_agent_task_without_a_turn_limit_gets_the_default() -> None:
+def test_an_agent_task_without_a_turn_limit_gets_the_default(card: ModelCard) -> None:
     request = pb.SubmitRequest(agent=pb.AgentTask(task="add", tools=["calculator"]))
-    parsed = parse_submit(request_to_dict(request), SETTINGS)
-    spec = build_spec(parsed, job_id="a", model="m", deadline=None, trace_context={}, default_max_turns=5)
+    spec = validate(request, card, SETTINGS.model_copy(update={"agent_default_max_turns": 5}))
     assert spec.agent is not None and spec.agent["max_turns"] == 5
 
 
@@ -389,50 +387,3 @@ def test_generated_grpc_code_is_current(tmp_path: pathlib.Path) -> None:
     for path in fresh:
         committed = root / "runtime" / "_pb" / path.name
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run `make proto`"
-
-
-# ---- client tool calls on the wire ------------------------------------------------------------------
-
-
-def test_client_tool_calls_survive_the_wire() -> None:
-    from blockpress.runtime.contracts.jobs import Event
-    from blockpress.runtime.gateway.server import event_to_pb
-    from blockpress.runtime.sdk.client import ToolCall, event_from_pb, outcome
-
-    completed = {
-        "text": "Let me check.",
-        "token_ids": [1, 2],
-        "stop_reason": "tool_call",
-        "usage": {"prompt_tokens": 40, "completion_tokens": 2, "prefilled_tokens": 40},
-        "canvases": 1,
-        "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}],
-    }
-    msg = event_to_pb("job-1", Event("1-0", "completed", completed, 1.0))
-    assert [(c.name, c.arguments_json) for c in msg.completed.tool_calls] == [
-        ("get_weather", '{"city": "Paris", "days": 3}')
-    ]
-    result = outcome("job-1", event_from_pb(msg))
-    assert result.stop_reason == "tool_call" and result.text == "Let me check."
-    assert result.tool_calls == (ToolCall("get_weather", {"city": "Paris", "days": 3}),)
-    # A generation without client tools has none.
-    plain = {k: v for k, v in completed.items() if k != "tool_calls"}
-    assert outcome("job-2", event_from_pb(event_to_pb("job-2", Event("1-0", "completed", plain, 1.0)))).tool_calls == ()
-
-
-# ---- spans at the edge ------------------------------------------------------------------------------
-
-
-def test_a_kept_span_survives_the_wire() -> None:
-    from blockpress.runtime.gateway.server import span_to_pb
-    from blockpress.runtime.sdk.client import spans_from_pb
-    from blockpress.runtime.tracing.store import SpanEventRecord, SpanRecord
-
-    step = SpanEventRecord("step", 1_500, {"step": 1, "step_ms": 2.5, "accepted": 40})
-    spans = [
-        SpanRecord("a" * 32, "1" * 16, None, "gateway.Generate", 1_000, 9_000, "gw", "SERVER", "OK", "",
-                   {"rpc.method": "Generate", "rpc.grpc.status_code": 0}),
-        SpanRecord("a" * 32, "2" * 16, "1" * 16, "engine.canvas", 1_200, 2_000, "replica", "INTERNAL", "ERROR",
-                   "boom", {"blockpress.canvas.index": 0, "tags": ["x", "y"]}, [step]),
-    ]  # fmt: skip
-    back = spans_from_pb(pb.Trace(trace_id="a" * 32, spans=[span_to_pb(s) for s in spans]))
-    assert back == spans

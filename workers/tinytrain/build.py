@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import DiffusionGemmaConfig, GenerationConfig, PreTrainedTokenizerFast
 
+from blockpress.workers.checkpoints import TINY_CALCULATOR
 from blockpress.workers.testing import (  # one list of special tokens, one tokenizer wrapper
     SPECIAL_TOKENS,
     TINY_VISION_CONFIG,
@@ -18,7 +18,7 @@ from blockpress.workers.tinytrain.data import random_samples, random_system_prom
 
 __all__ = ["CHAT_TEMPLATE_PATH", "SPECIAL_TOKENS", "build_generation_config", "build_model_config", "build_tokenizer"]
 
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
+CHAT_TEMPLATE_PATH = TINY_CALCULATOR / "chat_template.jinja"
 
 _VOCAB_SIZE = 1024
 CANVAS_LENGTH = 32

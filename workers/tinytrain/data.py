@@ -259,7 +259,7 @@ def random_samples(
 
 
 def _call_text(expression: str) -> str:
-    # Must match what workers/chat_template.jinja renders for `tool_call_message(expression)`.
+    # Must match what the shipped checkpoint's chat_template.jinja renders for `tool_call_message(expression)`.
     return f'<|tool_call>call:calculator{{expression:<|"|>{expression}<|"|>}}<tool_call|>'
 
 

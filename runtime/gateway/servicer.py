@@ -1,0 +1,112 @@
+"""The `blockpress.v1.Runtime` methods: each translates its request to a `Gateway` call and back.
+
+Every error a method meets ends the call with the status `contracts.errors.to_status` maps it to;
+Redis being unreachable is UNAVAILABLE, never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+from redis.exceptions import RedisError
+
+from blockpress.runtime import convert
+from blockpress.runtime._pb import runtime_pb2 as pb
+from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
+from blockpress.runtime.contracts.errors import InvalidArgument, ServiceUnavailable, to_status
+from blockpress.runtime.gateway.interceptors import record_status
+
+if TYPE_CHECKING:
+    from blockpress.runtime.gateway.server import Gateway
+
+__all__ = ["RuntimeServicer"]
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeServicer(pb_grpc.RuntimeServicer):
+    """The service's methods over one `Gateway`."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
+        try:
+            spec = await self.gw.admit(request, context)
+            record, created = await self.gw.queue.submit(spec)
+        except BaseException as exc:
+            await _abort(context, exc)
+        log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "resubmitted", spec.model)
+        state = convert.state_to_pb(record.state)
+        return pb.SubmitResponse(job_id=record.job_id, model=record.model, state=state, created=created)
+
+    async def Generate(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.JobEvent]:
+        try:
+            spec = await self.gw.admit(request, context)
+            record, created = await self.gw.queue.submit(spec)
+            log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
+            async for event in self.gw.follow(record.job_id, "0"):
+                yield convert.event_to_pb(record.job_id, event)
+        except BaseException as exc:
+            await _abort(context, exc)
+
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
+        try:
+            await self.gw.queue.get(request.job_id)  # NOT_FOUND before the stream starts
+            async for event in self.gw.follow(request.job_id, request.after_event_id or "0"):
+                yield convert.event_to_pb(request.job_id, event)
+        except BaseException as exc:
+            await _abort(context, exc)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        try:
+            return convert.record_to_pb(await self.gw.queue.get(request.job_id))
+        except BaseException as exc:
+            await _abort(context, exc)
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        try:
+            record = await self.gw.queue.cancel(request.job_id)
+        except BaseException as exc:
+            await _abort(context, exc)
+        log.info("job %s cancel requested", request.job_id)
+        return convert.record_to_pb(record)
+
+    async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.Trace:
+        try:
+            if not request.job_id:
+                raise InvalidArgument("job_id", "is empty; send a job id or a trace id")
+            spans = await self.gw.trace(request.job_id)
+        except BaseException as exc:
+            await _abort(context, exc)
+        return pb.Trace(trace_id=spans[0].trace_id, spans=[convert.span_to_pb(s) for s in spans])
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        try:
+            models = [convert.model_info_to_pb(await self.gw.model_info(name)) for name in self.gw.cards]
+        except BaseException as exc:
+            await _abort(context, exc)
+        return pb.ListModelsResponse(models=models)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """Ends the call with the status `exc` maps to; re-raises what is not an error of the call."""
+    if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError | GeneratorExit | KeyboardInterrupt):
+        raise exc
+    if isinstance(exc, RedisError | ConnectionError):
+        exc = ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
+    code, message, trailers = to_status(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error in a gateway call", exc_info=exc)
+    record_status(code)
+    context.set_trailing_metadata(trailers)
+    await context.abort(code, message)
+    raise AssertionError("abort() returns only by raising")

@@ -1,0 +1,294 @@
+"""The Python SDK's implementation: `AsyncClient` and `AsyncJobHandle` on a `grpc.aio` channel.
+
+    from blockpress.runtime import AsyncClient
+    async with AsyncClient() as client:     # BLOCKPRESS_ADDRESS, else 127.0.0.1:50051
+        result = await client.generate("2+2=", max_new_tokens=32)
+        async for event in client.stream("Tell me a story"):
+            print(event.type, event.data)
+
+Every job gets a job id chosen here unless the caller gives one, so a call retried after UNAVAILABLE
+(a gateway restart, no replica yet) is the same job, never a second one; a broken event stream resumes
+from the last event it delivered. Errors are `blockpress.runtime.contracts.errors` types carrying the
+status code and the gateway's message; a job that ran and did not succeed raises a `JobError`.
+`Client` (`sync.py`) is this client behind blocking calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+
+import grpc
+
+from blockpress.runtime import convert
+from blockpress.runtime._pb import runtime_pb2 as pb
+from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
+from blockpress.runtime.config import DEFAULT_ADDRESS
+from blockpress.runtime.contracts.errors import BlockPressError, DeadlineExceeded, from_status
+from blockpress.runtime.contracts.jobs import Event, JobState
+from blockpress.runtime.convert import Prompt
+from blockpress.runtime.sdk.records import Job, ModelInfo
+from blockpress.runtime.sdk.results import AgentResult, Result, job_outcome, outcome
+
+# Relative, unlike the rest: mypy checks this folder as `runtime`, where an absolute import of
+# `blockpress.runtime` resolves to Any, and `Unpack` needs to see the TypedDicts themselves.
+from .options import AgentOptions, CallOptions, GenerateOptions
+
+if TYPE_CHECKING:
+    from blockpress.runtime.tracing.store import SpanRecord
+
+__all__ = ["AsyncClient", "AsyncJobHandle", "resolve_address"]
+
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+_T = TypeVar("_T")
+
+
+def resolve_address(address: str | None) -> str:
+    """`address`, else `BLOCKPRESS_ADDRESS`, else the local default."""
+    return address or os.environ.get("BLOCKPRESS_ADDRESS") or DEFAULT_ADDRESS
+
+
+def _typed(exc: grpc.RpcError) -> BlockPressError:
+    call: Any = exc
+    return from_status(call.code(), call.details() or "", tuple(call.trailing_metadata() or ()))
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry `attempt` (0-based): exponential with full jitter, capped at 2 s."""
+    return random.uniform(0, min(2.0, 0.05 * 2**attempt))
+
+
+_GENERATION_NAMED = frozenset(CallOptions.__annotations__) | {"tools"}
+_AGENT_NAMED = frozenset(CallOptions.__annotations__) | {"max_turns", "max_seconds", "max_new_tokens"}
+
+
+def _generation_call(prompt: Prompt, options: Mapping[str, Any]) -> tuple[pb.SubmitRequest, float | None]:
+    """The request for a generation call's keyword arguments, and the call's timeout."""
+    named, settings = _split(options, _GENERATION_NAMED)
+    timeout = named.pop("timeout", None)
+    return convert.generation_request(prompt, settings=settings, **named), timeout
+
+
+def _agent_call(
+    task: Prompt, tools: Sequence[str], options: Mapping[str, Any]
+) -> tuple[pb.SubmitRequest, float | None]:
+    """The request for an agent call's keyword arguments, and the call's timeout."""
+    named, settings = _split(options, _AGENT_NAMED)
+    timeout = named.pop("timeout", None)
+    return convert.agent_request(task, tools=tools, settings=settings, **named), timeout
+
+
+def _split(options: Mapping[str, Any], named: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    # What is not a call option is a setting: `convert.settings_to_pb` refuses the names it does not know.
+    calls = {k: v for k, v in options.items() if k in named}
+    return calls, {k: v for k, v in options.items() if k not in named}
+
+
+class _Deadline:
+    """An overall deadline over several calls; `remaining()` is the next call's timeout."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the job finished")
+        return left
+
+
+class AsyncClient:
+    """A client of a BlockPress gateway, for asyncio. Close it (or use `async with`) to release the channel.
+
+    Args:
+        address: `host:port` of a gateway; default `BLOCKPRESS_ADDRESS`, then 127.0.0.1:50051.
+        api_key: sent as `authorization: Bearer <key>` when the gateway requires keys.
+        timeout: default deadline in seconds for each call; a deadline on a submit is the job's deadline.
+        retries: attempts after an UNAVAILABLE answer, with exponential backoff.
+
+    The job calls take the prompt (text, or chat messages as `{"role", "content", ...}` mappings) and
+    keyword arguments: the denoising settings and the call's options (`options.GenerateOptions`,
+    `options.AgentOptions`).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        retries: int = 5,
+    ) -> None:
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self.retries = retries
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = grpc.aio.insecure_channel(self.address)
+        self._stub = pb_grpc.RuntimeStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncJobHandle:
+        """Queues a generation and returns its handle at once."""
+        request, timeout = _generation_call(prompt, options)
+        reply = await self._call(self._stub.Submit, request, timeout)
+        return AsyncJobHandle(self, reply.job_id)
+
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncIterator[Event]:
+        """Runs a generation and yields its events: queued, started, drafts, canvases, the final one."""
+        request, timeout = _generation_call(prompt, options)
+        return self._follow(request.job_id, timeout, first=request)
+
+    async def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Result:
+        """Runs a generation to its end; returns the `Result` or raises the `JobError` it ended in."""
+        request, timeout = _generation_call(prompt, options)
+        final = None
+        async for event in self._follow(request.job_id, timeout, first=request):
+            final = event
+        assert final is not None  # _follow ends only after a final event
+        return outcome(request.job_id, final)
+
+    async def submit_agent(
+        self, task: Prompt, *, tools: Sequence[str] = (), **options: Unpack[AgentOptions]
+    ) -> AsyncJobHandle:
+        """Queues an agent task and returns its handle at once; its `result()` is an `AgentResult`."""
+        request, timeout = _agent_call(task, tools, options)
+        reply = await self._call(self._stub.Submit, request, timeout)
+        return AsyncJobHandle(self, reply.job_id)
+
+    def agent_stream(
+        self, task: Prompt, *, tools: Sequence[str] = (), **options: Unpack[AgentOptions]
+    ) -> AsyncIterator[Event]:
+        """Runs an agent task and yields its events: turns, canvases, tool calls and results, the final one."""
+        request, timeout = _agent_call(task, tools, options)
+        return self._follow(request.job_id, timeout, first=request)
+
+    async def agent(self, task: Prompt, *, tools: Sequence[str] = (), **options: Unpack[AgentOptions]) -> AgentResult:
+        """Runs an agent task inside a replica until its final answer or a limit.
+
+        Args:
+            task: the task in plain words, or chat messages to continue.
+            tools: names of the server's tools the agent may call (`calculator`, `python`, ...).
+            **options: `max_turns`, `max_new_tokens` (over all turns), `max_seconds`, `model`, `job_id`,
+                `drafts`, `session_id`, `timeout` and the denoising settings of each turn.
+
+        Returns:
+            The `AgentResult`; a task that a limit ended still returns, with that limit as `stop_reason`.
+
+        Raises:
+            JobError: the task failed, was cancelled or expired.
+        """
+        request, timeout = _agent_call(task, tools, options)
+        events = [e async for e in self._follow(request.job_id, timeout, first=request)]
+        result = job_outcome(request.job_id, events)
+        assert isinstance(result, AgentResult), "an agent task always starts a turn"
+        return result
+
+    async def trace(self, job_id: str) -> list[SpanRecord]:
+        """The spans the runtime kept for a job's trace, ordered by start time.
+
+        Render them with `blockpress.runtime.tracing.view` (`render_text`, `render_html`). Raises
+        `NotFound` when none is kept (unknown job, tracing off, or past retention).
+        """
+        return convert.spans_from_pb(await self._call(self._stub.GetTrace, pb.GetTraceRequest(job_id=job_id)))
+
+    def job(self, job_id: str) -> AsyncJobHandle:
+        """A handle on an existing job."""
+        return AsyncJobHandle(self, job_id)
+
+    async def get_job(self, job_id: str) -> Job:
+        """The job's record: state, attempt, times, and its result or error."""
+        return convert.job_from_pb(await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
+
+    async def cancel(self, job_id: str) -> JobState:
+        """Asks a job to stop; raises `JobFinished` when it has already ended."""
+        job = await self._call(self._stub.Cancel, pb.CancelRequest(job_id=job_id))
+        return convert.state_from_pb(job.state)
+
+    async def models(self) -> list[ModelInfo]:
+        """The models the gateway serves, with their live replicas and queue depth."""
+        reply = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [convert.model_info_from_pb(m) for m in reply.models]
+
+    async def _call(self, method: Callable[..., Awaitable[_T]], request: Any, timeout: float | None = None) -> _T:
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                err = _typed(exc)
+                if err.code not in _RETRY_CODES or attempt == self.retries:
+                    raise err from None
+            await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def _follow(
+        self, job_id: str, timeout: float | None, *, first: pb.SubmitRequest | None = None, after: str = ""
+    ) -> AsyncIterator[Event]:
+        """Events of a job until its final one; a broken stream resumes after the last event seen."""
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        failures = 0
+        while True:
+            if first is not None and not after:  # nothing seen yet: (re)submitting is idempotent
+                call = self._stub.Generate(first, timeout=deadline.remaining(), metadata=self._metadata)
+            else:
+                request = pb.WatchRequest(job_id=job_id, after_event_id=after)
+                call = self._stub.Watch(request, timeout=deadline.remaining(), metadata=self._metadata)
+            try:
+                async for msg in call:
+                    failures = 0
+                    event = convert.event_from_pb(msg)
+                    after = event.id
+                    yield event
+                    if event.is_final:
+                        return
+            except grpc.RpcError as exc:
+                err = _typed(exc)
+                if err.code not in _RETRY_CODES or failures >= self.retries:
+                    raise err from None
+                await asyncio.sleep(_backoff(failures))
+                failures += 1
+                continue
+            finally:
+                call.cancel()
+            raise BlockPressError(f"job {job_id}: the event stream ended before a final event")
+
+
+class AsyncJobHandle:
+    """A submitted job: its id, its state, its events and its result."""
+
+    def __init__(self, client: AsyncClient, job_id: str) -> None:
+        self._client = client
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.job_id!r})"
+
+    async def status(self) -> JobState:
+        return (await self._client.get_job(self.job_id)).state
+
+    def events(self, *, after: str = "", timeout: float | None = None) -> AsyncIterator[Event]:
+        """The job's events after `after` (from the first when empty) until its final one."""
+        return self._client._follow(self.job_id, timeout, after=after)
+
+    async def result(self, timeout: float | None = None) -> Result:
+        """Waits for the job's end: the `Result` (an `AgentResult` for an agent task), a `JobError`, or
+        `DeadlineExceeded` (the job goes on)."""
+        return job_outcome(self.job_id, [e async for e in self.events(timeout=timeout)])
+
+    async def cancel(self) -> JobState:
+        """Asks the job to stop; raises `JobFinished` when it has already ended."""
+        return await self._client.cancel(self.job_id)
