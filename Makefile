@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := constraints/lock.txt
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-latest lock bench redis-server install proto clean
+.PHONY: demo test test-latest lock bench redis-server browser install proto clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,10 +26,16 @@ redis-server:
 		echo "installing redis-server (the tests and the embedded default start their own)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# The trace page's browser test needs Debian's chromium and its driver (selenium downloads nothing).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "installing chromium and chromium-driver (the trace page's browser test)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 demo: install redis-server
 	$(BIN)/blockpress demo
 
-test: install redis-server
+test: install redis-server browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy runtime workers agents
 	$(BIN)/pytest
@@ -45,7 +51,7 @@ lock: install
 # Opt-in, not run by CI: the suite on the newest release of every dependency (torch stays on the CPU
 # build), in a venv of its own, to see the next upstream break here before users do.
 LATEST := .venv-latest
-test-latest: redis-server
+test-latest: redis-server browser
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip

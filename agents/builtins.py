@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Collection
 from importlib.metadata import entry_points
 from typing import Any
 
 from blockpress.agents.calculator import evaluate
 from blockpress.agents.errors import ToolFailed
+from blockpress.agents.httpget import http_get_tool
 from blockpress.agents.sandbox import SandboxLimits, run_python
 from blockpress.agents.tools import ENTRY_POINT_GROUP, Tool, ToolRegistry
 
@@ -46,42 +44,8 @@ def python_tool(limits: SandboxLimits | None = None) -> Tool:
             raise ToolFailed(f"the script stopped ({result.outcome}): {detail[0]}"[:2000])
         return {"stdout": result.stdout, "stderr": result.stderr}
 
-    return Tool.from_function(python)
-
-
-def http_get_tool(allowed_hosts: Collection[str], *, timeout: float = 10.0, max_bytes: int = 256 * 2**10) -> Tool:
-    """The `http_get` tool, limited to `allowed_hosts` (exact host names) and http(s)."""
-    hosts = frozenset(h.lower() for h in allowed_hosts)
-
-    class _NoRedirect(urllib.request.HTTPRedirectHandler):
-        # A redirect could leave the allow-list; the model can follow it with a second call.
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    opener = urllib.request.build_opener(_NoRedirect)
-
-    def http_get(url: str) -> dict[str, Any]:
-        """Fetches a URL with HTTP GET and returns its status and text.
-
-        Args:
-            url: An http or https URL on one of the hosts the operator allowed.
-        """
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or (parts.hostname or "").lower() not in hosts:
-            raise ToolFailed(f"only http(s) URLs on these hosts are allowed: {', '.join(sorted(hosts))}")
-        try:
-            with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout) as resp:
-                body = resp.read(max_bytes + 1)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            return {"status": exc.code, "text": ""}
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            raise ToolFailed(f"request failed: {exc}") from None
-        text = body[:max_bytes].decode("utf-8", errors="replace")
-        return {"status": status, "text": text, "truncated": len(body) > max_bytes}
-
-    return Tool.from_function(http_get)
+    # The sandbox is a bounded process of its own and stops at the task's budget itself.
+    return Tool.from_function(python, isolated=False)
 
 
 def builtin_tools(*, http_allowed_hosts: Collection[str] = (), sandbox: SandboxLimits | None = None) -> ToolRegistry:

@@ -1,8 +1,11 @@
 """Safe arithmetic: a whitelist walk over Python's expression AST, never `eval`.
 
 Numbers, + - * / // % **, unary signs, parentheses, the constants pi/e/tau and a few math
-functions. Limits keep a hostile expression cheap: its length, its nesting, exponents, and the
-size of every intermediate integer.
+functions. Limits keep a hostile expression cheap: its length, its nesting, exponents, the digits
+of `round`, and the size of every intermediate integer. They bound the inputs of every operation
+that can grow a number (`**` and `round`, whose negative ndigits builds 10**-ndigits), not only its
+result: a result check comes too late for an operation that first builds a huge integer. The
+registry also runs the calculator in a child process killed at its budget, for any case missed here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ MAX_LENGTH = 500
 MAX_DEPTH = 40
 MAX_INT_BITS = 4096
 MAX_EXPONENT = 10_000
+MAX_NDIGITS = 400
+"""`round`'s ndigits: CPython builds 10**abs(ndigits) for an int; 400 digits is past any float."""
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -103,6 +108,8 @@ def _eval(node: ast.AST, depth: int) -> Any:
         if node.keywords or len(node.args) > 8:
             raise ToolFailed(f"{node.func.id}() takes up to 8 positional numbers")
         args = [_eval(a, depth + 1) for a in node.args]
+        if node.func.id == "round" and len(args) >= 2 and isinstance(args[1], int) and abs(args[1]) > MAX_NDIGITS:
+            raise ToolFailed(f"round() takes at most {MAX_NDIGITS} digits either way")
         return _check(_FUNCTIONS[node.func.id](*args))
     raise ToolFailed(f"not allowed in an arithmetic expression: {ast.unparse(node)[:40]!r}")
 

@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from blockpress.agents.errors import AgentStopped, BudgetExceeded, MalformedToolCall, MaxTurnsExceeded
 from blockpress.agents.events import AgentEvent, FinalAnswer, TaskStopped, ToolCalled, ToolReturned, TurnStarted
+from blockpress.agents.isolation import Budget
 from blockpress.agents.ledger import InMemoryLedger, Ledger, TurnRecord
 from blockpress.agents.model import AgentModel, Message
 from blockpress.agents.task import AgentResult, AgentTask
@@ -85,6 +86,7 @@ class AgentLoop:
         on_event: called with each `AgentEvent` as it happens.
         clock: monotonic seconds; injectable so tests can run budgets without sleeping.
         stream_text_limit: tool results longer than this are cut in events (never in records).
+        cancelled: says whether the task was cancelled; a running tool call is stopped then.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class AgentLoop:
         on_event: Callable[[AgentEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         stream_text_limit: int = 1000,
+        cancelled: Callable[[], bool] | None = None,
     ) -> None:
         self._model = model
         self._registry = registry
@@ -103,6 +106,7 @@ class AgentLoop:
         self._emit = on_event or (lambda _event: None)
         self._clock = clock
         self._limit = stream_text_limit
+        self._cancelled = cancelled or (lambda: False)
 
     def run(self, task: AgentTask) -> AgentResult:
         """Runs `task` to its end, resuming after the last turn its ledger holds."""
@@ -181,13 +185,18 @@ class AgentLoop:
         self._emit(ToolCalled(run.turn, call.name, call.arguments))
         self._ledger.put(run.turn, step.record.to_mapping())
         with _span("agent.tool", {"gen_ai.tool.name": call.name}) as span:
-            result = self._registry.invoke(call, run.task.tools)
+            result = self._registry.invoke(call, run.task.tools, budget=self._budget(run))
             span.set_attribute("blockpress.tool.outcome", "ok" if result.ok else "error")
         record = step.record.done(_neutralized(result.content()))
         self._commit(run, record)
         shown = json.dumps(record.result, ensure_ascii=False, default=str)
         self._emit(ToolReturned(record.turn, call.name, result.ok, shown[: self._limit], len(shown) > self._limit))
         return _AskModel()
+
+    def _budget(self, run: _Run) -> Budget:
+        # The tool's clock is the real one: `self._clock` may be a test's, the kill is wall time.
+        left = self._registry.limits.wall_seconds if run.deadline is None else run.deadline - self._clock()
+        return Budget(time.monotonic() + min(left, self._registry.limits.wall_seconds), self._cancelled)
 
     def _commit(self, run: _Run, record: TurnRecord) -> None:
         self._ledger.put(record.turn, record.to_mapping())

@@ -22,8 +22,14 @@ from functools import cache
 from typing import Literal
 
 from blockpress.agents.errors import ToolConfigError
+from blockpress.agents.isolation import current_budget
 
-__all__ = ["SandboxLimits", "SandboxResult", "run_python"]
+__all__ = ["SandboxLimits", "SandboxResult", "SandboxUnavailable", "run_python"]
+
+
+class SandboxUnavailable(ToolConfigError):
+    """The kernel refused a namespace the sandbox needs; nothing of the script ran."""
+
 
 Outcome = Literal["ok", "error", "timeout", "cpu_limit", "memory_limit", "process_limit", "killed", "output_limit"]
 
@@ -38,13 +44,39 @@ import ctypes, json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
 status = int(sys.argv[2])
 libc = ctypes.CDLL(None, use_errno=True)
-NEWNET, NEWPID, NEWUSER = 0x40000000, 0x20000000, 0x10000000
+NEWNET, NEWPID, NEWUSER, NEWNS = 0x40000000, 0x20000000, 0x10000000, 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 1, 2, 4, 0x4000, 0x40000
 root = os.getuid() == 0
-net = NEWNET if cfg["isolate_network"] else 0
-for flags in (net | NEWPID, net, NEWPID, 0):
-    if flags == 0 or libc.unshare(flags) == 0 or (not root and libc.unshare(flags | NEWUSER) == 0):
-        break
-os.write(status, f"network {'isolated' if flags & NEWNET else 'shared'}\npidns {int(bool(flags & NEWPID))}\n".encode())
+flags = NEWNS | NEWPID | (NEWNET if cfg["isolate_network"] else 0)
+if libc.unshare(flags) != 0 and (root or libc.unshare(flags | NEWUSER) != 0):
+    # Refuse rather than run with the host's network, processes or files in reach.
+    what = "mount, pid" + (", network" if flags & NEWNET else "")
+    os.write(status, f"refused unshare({what}) failed: {os.strerror(ctypes.get_errno())}\n".encode())
+    os._exit(0)
+
+def mount(src, target, fstype, mflags, data):
+    if libc.mount(src, target.encode(), fstype, mflags, data) != 0:
+        os.write(status, f"refused mount on {target} failed: {os.strerror(ctypes.get_errno())}\n".encode())
+        os._exit(0)
+
+# Mounts stay in this namespace; then a private, size-limited tmpfs over every world-writable
+# scratch dir (/tmp holds Ray's logs too) and an empty read-only one over each hidden host path.
+mount(b"none", "/", None, MS_REC | MS_PRIVATE, None)
+code = open("main.py", "rb").read()
+size = f"size={cfg['tmpfs_bytes']},mode=1777".encode()
+for path in ("/tmp", "/var/tmp", "/dev/shm"):
+    if os.path.isdir(path):
+        mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, size)
+for path in cfg["hidden"]:
+    if os.path.exists(path):
+        mount(b"tmpfs", path, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, b"size=4k,mode=0")
+os.makedirs("/tmp/work", mode=0o700)
+with open("/tmp/work/main.py", "wb") as f:
+    f.write(code)
+if root:
+    os.chown("/tmp/work", cfg["uid"], cfg["gid"])
+os.chdir("/tmp/work")
+os.write(status, f"network {'isolated' if flags & NEWNET else 'shared'}\npidns 1\nfs private\n".encode())
 
 def script():
     os.close(status)
@@ -61,8 +93,6 @@ def report(st):
     os.write(status, f"{end}\n".encode())
     os._exit(0)
 
-if not flags & NEWPID:
-    script()
 init = os.fork()
 if init == 0:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the waiter outside
@@ -99,7 +129,13 @@ class SandboxLimits:
     output_bytes: int = 256 * 2**10
     """stdout and stderr are each cut to this many bytes."""
     isolate_network: bool = True
-    """Leave the network namespace when the kernel allows it; the result says whether it worked."""
+    """Run without network (own network namespace); the sandbox refuses to run if it cannot."""
+    tmpfs_bytes: int = 64 * 2**20
+    """Size of each private tmpfs (/tmp, /var/tmp, /dev/shm) the script sees instead of the host's."""
+    hidden_paths: tuple[str, ...] = (".data", "/var/lib/redis", "/var/log")
+    """Host paths covered by an empty read-only tmpfs: the data dir (`.data` is the runtime's default,
+    relative to the replica's working directory; Redis's append-only file and serve.log live there)
+    and log folders. /tmp (Ray's session logs) is private anyway."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,8 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
         cfg = {
             "python": _interpreter(),
             "isolate_network": limits.isolate_network,
+            "tmpfs_bytes": limits.tmpfs_bytes,
+            "hidden": [os.path.realpath(p) for p in limits.hidden_paths],
             "uid": _NOBODY,
             "gid": _NOBODY,
             "limits": {
@@ -155,17 +193,18 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
             )
         finally:
             os.close(status_w)
-        timed_out = False
         try:
-            out, err = proc.communicate(timeout=limits.wall_seconds)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            out, err = _reap(proc)
+            out, err, timed_out = _wait(proc, limits.wall_seconds)
         finally:
             _kill_group(proc.pid)  # without a PID namespace: children the script left behind
         wall = time.monotonic() - start
         with os.fdopen(status_r) as pipe:
             status = dict(line.split(" ", 1) for line in pipe.read().splitlines() if " " in line)
+    if "refused" in status:
+        raise SandboxUnavailable(
+            f"the python sandbox refuses to run unisolated: {status['refused']} "
+            "(it needs mount, PID and network namespaces: run the replica as root or allow user namespaces)"
+        )
     exit_code = _exit_code(status, proc.returncode)
     stderr = _cut(err, limits.output_bytes)
     return SandboxResult(
@@ -203,6 +242,24 @@ def _interpreter() -> str:
         f"the python sandbox drops root to uid {_NOBODY}, who cannot execute {ours} or a system "
         "python3; install a world-executable python3 or run the replica as a non-root user"
     )
+
+
+def _wait(proc: subprocess.Popen[bytes], wall_seconds: float) -> tuple[bytes, bytes, bool]:
+    """The script's output and whether it was stopped: at `wall_seconds`, or at the agent's budget."""
+    budget = current_budget()
+    deadline = time.monotonic() + wall_seconds
+    if budget is not None:
+        deadline = min(deadline, budget.deadline)
+    while True:
+        # Short waits, so that a cancel of the task stops the script within one of them.
+        step = max(0.0, min(0.05, deadline - time.monotonic()))
+        try:
+            out, err = proc.communicate(timeout=step)
+            return out, err, False
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline or (budget is not None and budget.cancelled()):
+                out, err = _reap(proc)
+                return out, err, True
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:

@@ -1,7 +1,7 @@
 """The engine against transformers' own `generate()`: same checkpoint, same prompt, fixed steps, one run.
 
     python bench/engine_vs_transformers.py                 # CPU: a ~10M-parameter checkpoint, vocab 8,192
-    python bench/engine_vs_transformers.py --full-size     # GPU: the full DiffusionGemma shape, random bf16
+    python bench/engine_vs_transformers.py --full-size     # GPU: the published DiffusionGemma shape, random bf16
 
 Fixed steps (the adaptive stop off) make both sides do the same number of decoder passes, so tokens/s
 compares the cost of a step. The full-size run prints decode tok/s (committed tokens over denoising
@@ -18,24 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from full_size import full_size_engine
 
 from blockpress.workers import DenoiseSettings, DiffusionEngine
 from blockpress.workers.testing import build_tiny_checkpoint
 
-# Published DiffusionGemma shape; head counts and FFN widths are this benchmark's assumptions.
-FULL_SIZE: dict[str, Any] = {
-    "vocab_size": 262_144,
-    "hidden_size": 2816,
-    "num_layers": 30,
-    "num_experts": 128,
-    "top_k_experts": 8,
-    "canvas_length": 256,
-    "context_length": 262_144,
-    "sliding_window": 1024,
-}
 
-
-def _transformers_run(engine: DiffusionEngine, prompt: list[int], s: DenoiseSettings) -> tuple[float, int, float]:
+def transformers_run(engine: DiffusionEngine, prompt: list[int], s: DenoiseSettings) -> tuple[float, int, float]:
     """(seconds, new tokens, time to first canvas) for transformers' generate()."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
@@ -73,7 +62,7 @@ def _transformers_run(engine: DiffusionEngine, prompt: list[int], s: DenoiseSett
     return elapsed, out.sequences.shape[1] - len(prompt), (first[0] - start) if first else elapsed
 
 
-def _engine_run(engine: DiffusionEngine, prompt: list[int], s: DenoiseSettings) -> tuple[float, int, float, float]:
+def engine_run(engine: DiffusionEngine, prompt: list[int], s: DenoiseSettings) -> tuple[float, int, float, float]:
     """(seconds, new tokens, time to first canvas, denoising seconds) for the engine."""
     _sync()
     start = time.perf_counter()
@@ -100,15 +89,14 @@ def main() -> None:
     if args.full_size:
         if not torch.cuda.is_available():
             raise SystemExit("--full-size needs a CUDA GPU: the full model is about 50 GB in bf16")
-        config: dict[str, Any] = FULL_SIZE
-        new_tokens, prompt_tokens, dtype = args.new_tokens or 512, args.prompt_tokens or 4096, "bfloat16"
+        new_tokens, prompt_tokens = args.new_tokens or 512, args.prompt_tokens or 4096
+        engine = full_size_engine()
     else:
         config = {"vocab_size": 8192, "hidden_size": 256, "num_layers": 4, "num_experts": 8, "canvas_length": 256}
-        new_tokens, prompt_tokens, dtype = args.new_tokens or 256, args.prompt_tokens or 64, "float32"
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_checkpoint(Path(tmp) / "bench", seed=0, **config)
-        engine = DiffusionEngine.from_pretrained(path, dtype=dtype)
+        new_tokens, prompt_tokens = args.new_tokens or 256, args.prompt_tokens or 64
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_tiny_checkpoint(Path(tmp) / "bench", seed=0, **config)
+            engine = DiffusionEngine.from_pretrained(path, dtype="float32")
     params = sum(p.numel() for n, p in engine.model.named_parameters() if "vision" not in n)
     prompt = torch.randint(3, engine.vocab_size, (prompt_tokens,)).tolist()
     settings = engine.resolve(
@@ -128,12 +116,12 @@ def main() -> None:
         f"{new_tokens} new tokens, {args.steps} fixed steps per canvas, {args.repeats} repeats (median)"
     )
 
-    _engine_run(engine, prompt, settings)  # warm-up: allocator, kernels
-    _transformers_run(engine, prompt, settings)
+    engine_run(engine, prompt, settings)  # warm-up: allocator, kernels
+    transformers_run(engine, prompt, settings)
     ours, theirs = [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
-        ours.append(_engine_run(engine, prompt, settings))
-        theirs.append(_transformers_run(engine, prompt, settings))
+        ours.append(engine_run(engine, prompt, settings))
+        theirs.append(transformers_run(engine, prompt, settings))
 
     e_time = statistics.median(r[0] for r in ours)
     t_time = statistics.median(r[0] for r in theirs)

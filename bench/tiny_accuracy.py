@@ -1,6 +1,6 @@
 """Held-out accuracy of the tiny calculator checkpoint through the real engine.
 
-    python bench/tiny_accuracy.py [--checkpoint DIR] [--problems 200] [--seed 0]
+    python bench/tiny_accuracy.py [--checkpoint DIR] [--problems 200] [--seed 0] [--quantization nf4|fp8]
 
 Each held-out problem (operand combinations training never generated) is played out as an agent
 would: the engine's tool calls are parsed and evaluated, the results fed back, until a turn answers.
@@ -26,15 +26,19 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="denoising seeds (the problems are fixed)")
     parser.add_argument("--show-failures", type=int, default=5)
+    parser.add_argument(
+        "--quantization", choices=["none", "nf4", "fp8"], default="none", help="store the weights packed"
+    )
     args = parser.parse_args()
 
-    engine = DiffusionEngine.from_pretrained(str(args.checkpoint), device="cpu")
+    quantization = None if args.quantization == "none" else args.quantization
+    engine = DiffusionEngine.from_pretrained(str(args.checkpoint), device="cpu", quantization=quantization)
     problems = held_out_problems(args.problems)
     started = time.perf_counter()
     report = evaluate(engine, problems, seed=args.seed)
     wall = time.perf_counter() - started
     two_step = [o for o in report.outcomes if o.problem.then_op is not None]
-    print(f"checkpoint {args.checkpoint}")
+    print(f"checkpoint {args.checkpoint}, precision {engine.precision}")
     print(report.summary())
     print(
         f"single-step exact {sum(o.correct for o in report.outcomes if o.problem.then_op is None)}"

@@ -8,15 +8,19 @@ keyword arguments here, so flags win over the environment, which wins over the d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_ADDRESS", "DEFAULT_REDIS_URL", "RuntimeSettings", "model_name"]
+from blockpress.runtime.contracts.errors import ConfigurationError
+
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_HTTP_PORT", "DEFAULT_REDIS_URL", "NodeKind", "RuntimeSettings", "model_name"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HTTP_PORT = 8000
+"""The HTTP API's port in `blockpress serve` and `gateway` unless told otherwise, as vLLM's."""
 # The tiny checkpoint the project trains and ships, so that `blockpress serve` works from a fresh clone.
 
 
@@ -35,6 +39,24 @@ def _split(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+class NodeKind(BaseModel):
+    """Engine options of the replicas that land on one kind of node (a Ray node label `node-kind`).
+
+    A field left None keeps the replica's own option (`RuntimeSettings.device`, `dtype`), so an entry
+    names only what differs on that kind of node.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str | None = None
+    """Device of the engine on this kind (cpu, cuda); None: `RuntimeSettings.device`."""
+    dtype: str | None = None
+    """Compute dtype on this kind (bfloat16, float16, float32); None: `RuntimeSettings.dtype`."""
+    quantization: Literal["nf4", "fp8"] | None = None
+    """Packed weights on this kind: nf4 where memory bandwidth is scarce (DGX Spark's GB10 at ~273 GB/s
+    reads a quarter of the bytes), fp8 on RTX PRO 6000; None keeps the weights in `dtype`."""
 
 
 class RuntimeSettings(BaseSettings):
@@ -103,15 +125,71 @@ class RuntimeSettings(BaseSettings):
     gateway_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Port the gateway serves Prometheus `/metrics` on (queue depth, oldest wait, live replicas: what an
     autoscaler reads); None (default) serves none."""
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the gateway's HTTP API (OpenAI `/v1/chat/completions`, Anthropic `/v1/messages`) on
+    `host`; 0 picks a free one (tests); None serves none. `blockpress serve` and `gateway` default to
+    `DEFAULT_HTTP_PORT` when neither the flag nor `BLOCKPRESS_HTTP_PORT` is given (`off` turns it off)."""
     trace_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     """Seconds the trace store keeps a job's spans after its last span ended (for `GetTrace`)."""
     log_level: str = "INFO"
     """Log level of the CLI's processes."""
+    node_kinds: dict[str, NodeKind] = Field(default_factory=dict)
+    """Engine options per node kind, the one place they live, as JSON in the environment
+    (`{"dgx-spark": {"quantization": "nf4"}, "rtx-pro": {"quantization": "fp8"}}`). Each replica applies
+    the entry of the node it lands on, read from the node's Ray label `node-kind`, so a replica that Ray
+    restarts on another kind of node runs with that node's options. Empty: every replica uses
+    `device` and `dtype`."""
+    placement: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Node kinds each model's replicas may run on, by model name (`*`: models not named), as JSON
+    (`{"*": ["rtx-pro", "dgx-spark"]}`); replicas ask Ray for a node with one of these `node-kind`
+    labels and wait (the KubeRay autoscaler adds such a node) until one has room. A model with no
+    entry runs on any node."""
+    replica_num_gpus: float | None = Field(default=None, ge=0)
+    """GPUs each replica asks Ray for; None: 1 when `device` is not cpu and the cluster has a GPU at
+    start (one machine). Set 1 on KubeRay, where GPU nodes appear only once a replica waits for one."""
+    min_replicas: int | None = Field(default=None, ge=0, le=1024)
+    """Fewest replicas per model when autoscaling; None: `replicas`."""
+    max_replicas: int | None = Field(default=None, ge=1, le=1024)
+    """Most replicas per model; setting it turns on autoscaling on the queue between `min_replicas`
+    and this. None: a fixed `replicas` per model."""
+    scale_jobs_per_replica: float = Field(default=2.0, gt=0)
+    """Queued jobs per replica the autoscaler tolerates; more waiting adds replicas."""
+    scale_max_wait_s: float = Field(default=5.0, gt=0)
+    """Wait of the oldest queued job past which the autoscaler adds a replica, however short the queue."""
+    scale_down_idle_s: float = Field(default=60.0, ge=0)
+    """Seconds a model's queue must stay empty before the autoscaler drains one replica."""
+    scale_interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between the autoscaler's looks at the queues."""
+    pool_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port the `replicas` command serves Prometheus `/metrics` on (the autoscaler's inputs and
+    decisions); None (default) serves none."""
 
-    @field_validator("models", "api_keys", "agent_http_allowed_hosts", mode="before")
+    @field_validator("http_port", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        # BLOCKPRESS_HTTP_PORT=off (or empty) turns the HTTP API off in the commands that default it on.
+        return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
+
+    @field_validator("models", "agent_http_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _no_blank_keys(cls, value: Any) -> Any:
+        # A blank entry (" , ", "key,") is a typo, and dropping it could leave no key at all, which
+        # turns authentication off without a word; only an empty or unset value means no keys.
+        # ConfigurationError, not ValueError: pydantic would print the input, the other keys with it.
+        if isinstance(value, str) and not value.strip():
+            return ()
+        parts = value.split(",") if isinstance(value, str) else value
+        if any(not str(p.get_secret_value() if isinstance(p, SecretStr) else p).strip() for p in parts):
+            raise ConfigurationError(
+                "api_keys (BLOCKPRESS_API_KEYS): a key is blank; list keys separated by commas "
+                "(key1,key2), or leave it unset or empty to run without authentication"
+            )
+        return tuple(p if isinstance(p, SecretStr) else str(p).strip() for p in parts)
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL

@@ -96,11 +96,12 @@ def get_metrics() -> RuntimeMetrics:
     return _default
 
 
-def start_metrics_server(port: int, *, host: str = "0.0.0.0", metrics: RuntimeMetrics | None = None) -> Any:
+def start_metrics_server(port: int, *, host: str = "127.0.0.1", metrics: RuntimeMetrics | None = None) -> Any:
     """Serve `/metrics` for `metrics` (the process-wide ones by default) on a daemon thread.
 
-    Port 0 picks a free port, which is what several replicas on one machine want. Returns the HTTP
-    server: `.server_port` is the port it bound; `.shutdown()` then `.server_close()` stop it.
+    Port 0 picks a free port, which is what several replicas on one machine want. `host` defaults to
+    loopback: a scraper elsewhere needs the operator to say so (`RuntimeSettings.host`). Returns the
+    HTTP server: `.server_port` is the port it bound; `.shutdown()` then `.server_close()` stop it.
     """
     metrics = metrics or get_metrics()
     server, _thread = start_http_server(port, addr=host, registry=metrics.registry)

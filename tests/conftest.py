@@ -3,7 +3,8 @@
 - `redis_server`: a real redis-server on a unix socket in a temp dir (no port races with other test
   runs on the machine), append-only file on with `appendfsync always`, so a kill -9 loses nothing
   that was acknowledged. `private_redis` is one per test, for tests that kill it.
-- `ray_cluster`: one local Ray for the whole session (2 CPUs, no dashboard), shut down at the end.
+- `ray_cluster`: one local Ray for the whole session (2 CPUs, no dashboard, on 127.0.0.1 only), shut down
+  at the end.
 - `tiny_checkpoint`: one random-weight DiffusionGemma checkpoint of the real class.
 
 Fixtures start nothing unless a test asks for them, so unit tests pay for none of this.
@@ -98,7 +99,10 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Any]:
 def ray_cluster() -> Iterator[Any]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from blockpress.runtime.cli.embedded import start_ray
+
+    # The embedded runtime's own start: on loopback only, like `blockpress serve`.
+    start_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
 

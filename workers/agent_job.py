@@ -9,6 +9,7 @@ client cancelled, and the `Ledger` keeps turn records where a redelivery of the 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -133,6 +134,7 @@ def run_agent_job(
         registry,
         ledger=InMemoryLedger() if ledger is None else ledger,
         on_event=lambda e: _forward(e, spec.job_id, emit),
+        cancelled=cancel.is_set if isinstance(cancel, threading.Event) else cancel,
     )
     result = loop.run(task)
     stats: list[TurnStats] = getattr(model, "stats", [])

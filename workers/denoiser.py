@@ -3,9 +3,10 @@
 Semantics are transformers' `DiffusionGemmaGenerationMixin` for this model; the work per step is not.
 transformers computes the softmax of the step's logits three times (sampling, acceptance entropy,
 stopping entropy), a fourth inside the decoder for self-conditioning, and draws a multinomial sample
-for all 256 positions although only the accepted ones survive renoising. Here one pass gives the
-probabilities, the entropies and the argmax; the probabilities feed the next step's self-conditioning
-directly; and Gumbel-max (as an exponential race) samples only the accepted positions.
+for all 256 positions although only the accepted ones survive renoising. Here the sampler step
+(`kernels.sampler`) gives the probabilities, the entropies and the argmax at once; the probabilities
+feed the next step's self-conditioning directly; and Gumbel-max samples only the accepted positions.
+On a GPU that step is a fused Triton kernel; elsewhere its torch reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any, Literal
 import torch
 
 from blockpress.workers.hf_compat import cache_kwargs
+from blockpress.workers.kernels import KernelMode, resolve_kernels, sample_step
+from blockpress.workers.kernels.graph import StepGraph
+from blockpress.workers.kernels.sampler import entropy_bound_accept as _entropy_bound_accept  # noqa: F401  (tests import it here)
 
 __all__ = ["CanvasPlan", "Denoiser", "StepOutput"]
 
@@ -55,14 +59,15 @@ class _StepState:
     output: StepOutput
     canvas: torch.Tensor
     sc_probs: torch.Tensor
-    sc_logits: torch.Tensor | None
     history: torch.Tensor
 
 
 class Denoiser:
     """Runs the bidirectional decoder over one canvas at batch size 1, reading the encoder's KV cache."""
 
-    def __init__(self, model: Any, *, sampler: Sampler = "gumbel") -> None:
+    def __init__(
+        self, model: Any, *, sampler: Sampler = "gumbel", kernels: KernelMode | None = None, cuda_graphs: bool = True
+    ) -> None:
         self.model = model
         self.decoder = model.model.decoder
         self.text_config = model.config.text_config
@@ -70,14 +75,24 @@ class Denoiser:
         self.vocab_size: int = self.text_config.vocab_size
         self.softcap: float | None = self.text_config.final_logit_softcapping
         self.sampler = sampler
-        # The self-conditioning softmax runs on logits cast to the embedding dtype; in float32 that cast
-        # is a no-op and the step's own probabilities can be reused as they are.
-        self._reuse_probs = self.decoder.embed_tokens.weight.dtype == torch.float32
+        self.kernels = resolve_kernels(kernels)
+        self._sc_dtype: torch.dtype = self.decoder.embed_tokens.weight.dtype
+        # Only on CUDA; a CPU step has no launch overhead to save.
+        self._decoder_pass = StepGraph(self._head, enabled=cuda_graphs)
 
     def decoder_logits(
         self, canvas: torch.Tensor, sc_probs: torch.Tensor | None, cache: Any, position_ids: torch.Tensor
     ) -> torch.Tensor:
         """Float32 soft-capped logits for `canvas` (1, L), self-conditioned on `sc_probs` (1, L, V)."""
+        logits = self._head(canvas, sc_probs, cache, position_ids).float()
+        if self.softcap:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def _head(
+        self, canvas: torch.Tensor, sc_probs: torch.Tensor | None, cache: Any, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The output head's raw logits (1, L, V) in the model dtype; the sampler step soft-caps them."""
         dec = self.decoder
         embeds = dec.embed_tokens(canvas)
         if sc_probs is None:
@@ -98,10 +113,7 @@ class Denoiser:
                 position_ids=position_ids,
                 **cache_kwargs(cache),
             )
-        logits = self.model.lm_head(dec.norm(hidden)).float()
-        if self.softcap:  # in place: a fresh (L, V) buffer per op costs page faults on every step
-            logits.div_(self.softcap).tanh_().mul_(self.softcap)
-        return logits
+        return self.model.lm_head(dec.norm(hidden))
 
     def run(
         self,
@@ -123,12 +135,12 @@ class Denoiser:
             canvas[0, pinned] = plan.pinned_ids[pinned]
         history = torch.full((plan.stability_threshold, length), -1, dtype=torch.long, device=device)
         sc_probs: torch.Tensor | None = None
-        sc_logits: torch.Tensor | None = None
+        self._decoder_pass.new_canvas()
         for step in range(plan.max_steps):
             check_cancel()
             with torch.inference_mode():  # per step, never across the yield (the mode is thread-local)
-                out = self._step(step, canvas, sc_probs, sc_logits, history, cache, plan, position_ids, generator)
-            canvas, sc_probs, sc_logits, history = out.canvas, out.sc_probs, out.sc_logits, out.history
+                out = self._step(step, canvas, sc_probs, history, cache, plan, position_ids, generator)
+            canvas, sc_probs, history = out.canvas, out.sc_probs, out.history
             yield out.output
             if out.output.done:
                 return
@@ -138,74 +150,34 @@ class Denoiser:
         step: int,
         canvas: torch.Tensor,
         sc_probs: torch.Tensor | None,
-        sc_logits: torch.Tensor | None,
         history: torch.Tensor,
         cache: Any,
         plan: CanvasPlan,
         position_ids: torch.Tensor,
         generator: torch.Generator | None,
     ) -> _StepState:
-        pinned = plan.pinned_mask
         # transformers counts down from N to 1 and computes the temperature as a float32 tensor;
         # doing the same keeps the scaled logits bit-identical.
         remaining = torch.tensor(plan.max_steps - step, dtype=torch.int32)
         temperature = plan.t_min + (plan.t_max - plan.t_min) * (remaining / plan.max_steps)
-        if self._reuse_probs or sc_logits is None:
-            logits = self.decoder_logits(canvas, sc_probs, cache, position_ids)
-        else:
-            logits = self.decoder_logits(canvas, sc_logits.softmax(-1, dtype=torch.float32), cache, position_ids)
-        scaled = logits.div_(temperature)[0]  # (L, V)
-        argmax = scaled.argmax(-1)
-        probs = torch.softmax(scaled, dim=-1)
-        next_sc_logits = None if self._reuse_probs else scaled.unsqueeze(0).to(self.decoder.embed_tokens.weight.dtype)
-        # Entropy from log-probabilities made in place, summed as a batched dot product: no extra
-        # (L, V) buffers; `scaled` is not needed after this.
-        log_probs = scaled.sub_(torch.logsumexp(scaled, dim=-1, keepdim=True))
-        entropy = -torch.bmm(probs.unsqueeze(1), log_probs.unsqueeze(2)).view(-1)  # (L,)
-        if pinned is not None:
-            entropy = entropy.masked_fill(pinned, 0.0)
-            argmax = torch.where(pinned, plan.pinned_ids, argmax)  # type: ignore[arg-type]
-        accept = _entropy_bound_accept(entropy, plan.entropy_bound)
-        if pinned is not None:
-            accept |= pinned
-        next_canvas = self._next_canvas(probs, accept, argmax, plan, generator)
-        mean_entropy = float(entropy.mean())
+        sampled = sample_step(
+            self._decoder_pass(canvas, sc_probs, cache, position_ids),
+            softcap=self.softcap,
+            temperature=temperature,
+            entropy_bound=plan.entropy_bound,
+            sc_dtype=self._sc_dtype,
+            generator=generator,
+            pinned_ids=plan.pinned_ids,
+            pinned_mask=plan.pinned_mask,
+            draw=self.sampler,
+            mode=self.kernels,
+        )
+        argmax = sampled.argmax
+        mean_entropy = float(sampled.entropy.mean())
         stable = bool((history == argmax).all()) if plan.stability_threshold else True
         if plan.stability_threshold:
             history = torch.roll(history, shifts=-1, dims=0)
             history[-1] = argmax
         done = stable and mean_entropy < plan.confidence_threshold
-        output = StepOutput(step + 1, argmax, int(accept.sum()), mean_entropy, done)
-        return _StepState(output, next_canvas, probs.unsqueeze(0), next_sc_logits, history)
-
-    def _next_canvas(
-        self,
-        probs: torch.Tensor,
-        accept: torch.Tensor,
-        argmax: torch.Tensor,
-        plan: CanvasPlan,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        """Accepted positions take a sample from the denoiser; the rest are renoised uniformly."""
-        length = probs.shape[0]
-        if self.sampler == "multinomial":
-            # transformers' draw order, all positions, for token-for-token parity with `generate()`.
-            sample = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            noise = torch.randint(0, self.vocab_size, (1, length), device=probs.device, generator=generator)[0]
-        else:
-            noise = torch.randint(0, self.vocab_size, (length,), device=probs.device, generator=generator)
-            rows = accept.nonzero().squeeze(-1)
-            sample = argmax.clone()
-            if rows.numel():
-                race = torch.empty_like(probs[rows]).exponential_(generator=generator)
-                sample[rows] = (probs[rows] / race).argmax(-1)  # Gumbel-max, as an exponential race
-        if plan.pinned_mask is not None:
-            sample = torch.where(plan.pinned_mask, plan.pinned_ids, sample)  # type: ignore[arg-type]
-        return torch.where(accept, sample, noise).unsqueeze(0)
-
-
-def _entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
-    """The lowest-entropy positions whose summed entropy, less the largest, stays within `bound`."""
-    sorted_entropy, order = torch.sort(entropy)
-    keep = (torch.cumsum(sorted_entropy, 0) - sorted_entropy) <= bound
-    return torch.zeros_like(keep).scatter_(0, order, keep)
+        output = StepOutput(step + 1, argmax, int(sampled.accept.sum()), mean_entropy, done)
+        return _StepState(output, sampled.next_canvas, sampled.sc_probs, history)

@@ -22,14 +22,17 @@ import torch
 from blockpress.runtime.contracts.settings import TRANSFORMERS_DEFAULTS, DenoiseSettings
 from blockpress.workers.denoiser import CanvasPlan, Denoiser, Sampler
 from blockpress.workers.errors import EngineBroken, GenerationCancelled, InvalidRequest, PromptTooLong
-from blockpress.workers.loading import load_checkpoint
+from blockpress.workers.kernels.dispatch import KernelMode, resolve_kernels
+from blockpress.workers.loading import Quantization, load_checkpoint
 from blockpress.workers.session import EngineSession
+from blockpress.workers.stepclock import StepClock
 from blockpress.workers.types import (
     CanvasEvent,
     CanvasStats,
     DraftEvent,
     EndEvent,
     GenerationResult,
+    PrefillStats,
     StopReason,
     StreamEvent,
     Timings,
@@ -47,7 +50,17 @@ class DiffusionEngine:
     Not thread-safe: one engine runs one generation at a time, which is what a replica does.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, sampler: Sampler = "gumbel") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        sampler: Sampler = "gumbel",
+        kernels: KernelMode | None = None,
+        quantization: Quantization | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = name
@@ -55,11 +68,17 @@ class DiffusionEngine:
         self.canvas_length: int = model.config.canvas_length
         self.context_length: int = text_config.max_position_embeddings
         self.vocab_size: int = text_config.vocab_size
-        param = next(model.parameters())
+        # The embedding is never quantized, so it tells the compute device and dtype.
+        param = model.model.decoder.embed_tokens.weight
         self.device = str(param.device)
         self.dtype = str(param.dtype).removeprefix("torch.")
+        self.quantization = quantization
+        self.precision: str = quantization or self.dtype
+        """How the weights are stored: "float32", "bfloat16", "float16", "nf4" or "fp8"."""
+        self.kernels: KernelMode = resolve_kernels(kernels)
         self.defaults = _checkpoint_defaults(model)
-        self._denoiser = Denoiser(model, sampler=sampler)
+        self._denoiser = Denoiser(model, sampler=sampler, kernels=self.kernels, cuda_graphs=cuda_graphs)
+        self._clock = StepClock(model.lm_head, param.device)
         if param.device.type == "cpu":
             # x86 cores take microcode assists on denormal floats, and small or freshly initialised
             # weights produce plenty: measured 3x per decoder pass on the benchmark checkpoint. Values
@@ -75,16 +94,38 @@ class DiffusionEngine:
         device: str = "auto",
         dtype: str = "auto",
         sampler: Sampler = "gumbel",
+        quantization: Quantization | None = None,
+        kernels: KernelMode | None = None,
+        cuda_graphs: bool = True,
     ) -> DiffusionEngine:
         """Loads a checkpoint and its tokenizer from a local directory or a hub id.
 
+        Args:
+            dtype: the compute dtype (`auto`: bfloat16 on a GPU, float32 on the CPU).
+            quantization: `nf4` or `fp8` stores the layers' weights packed, quantized layer by layer
+                as the checkpoint loads; None keeps them in `dtype`.
+            kernels: `auto` (Triton on a GPU, torch elsewhere), `triton` or `torch`; the environment's
+                `BLOCKPRESS_KERNELS=off` overrides it.
+            cuda_graphs: on a CUDA device, replay each canvas's decoder pass from a captured graph.
+
         Raises:
-            ModelConfigError: the directory is missing, holds another architecture, or the dtype cannot
-                run on the device.
+            ModelConfigError: the directory is missing, holds another architecture, or the dtype or the
+                quantization cannot run on the device.
         """
-        model, tokenizer = load_checkpoint(str(path_or_id), device=device, dtype=dtype)
+        mode = resolve_kernels(kernels)
+        model, tokenizer = load_checkpoint(
+            str(path_or_id), device=device, dtype=dtype, quantization=quantization, kernels=mode
+        )
         name = Path(str(path_or_id)).name if os.path.isdir(path_or_id) else str(path_or_id)
-        return cls(model, tokenizer, name=name, sampler=sampler)
+        return cls(
+            model,
+            tokenizer,
+            name=name,
+            sampler=sampler,
+            kernels=mode,
+            quantization=quantization,
+            cuda_graphs=cuda_graphs,
+        )
 
     # ---- text helpers -------------------------------------------------------------------------------
 
@@ -196,6 +237,8 @@ class DiffusionEngine:
         with torch.inference_mode():
             prefilled = session.prefill(prompt_ids)
         prefill_s = time.perf_counter() - prefill_started
+        prefill: PrefillStats | None = PrefillStats(len(prompt_ids), prefilled, prefill_s)
+        clock = self._clock
 
         new_ids: list[int] = []
         canvases: list[CanvasStats] = []
@@ -203,19 +246,25 @@ class DiffusionEngine:
         stop_reason: StopReason = "max_new_tokens"
         for index in range(math.ceil(s.max_new_tokens / self.canvas_length)):
             if index:
+                clock.commit_begin()
                 with torch.inference_mode():
                     session.append(session.pending)  # commit the previous canvas into the cache
+                clock.commit_end()
             plan = self._plan(s, session.length, len(new_ids), template)
             accepted: list[int] = []
             step_times: list[float] = []
             last = None
             tick = time.perf_counter()
+            clock.start()
             for out in self._denoiser.run(session.cache, plan, generator, check_cancel):
                 step_times.append(time.perf_counter() - tick)
                 accepted.append(out.accepted)
                 last = out
-                yield DraftEvent(index, out.step, out.argmax.tolist(), out.accepted, out.mean_entropy, step_times[-1])
+                yield DraftEvent(index, out.step, out.argmax.tolist(), out.accepted, out.mean_entropy, step_times[-1],
+                                 clock.decoder_s(), clock.commit_s(), prefill)  # fmt: skip
+                prefill = None
                 tick = time.perf_counter()  # the consumer's time with the draft is not the step's
+                clock.start()
             assert last is not None
             denoise_s += sum(step_times)
             canvas_ids = last.argmax.tolist()

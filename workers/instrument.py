@@ -10,12 +10,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from blockpress.runtime.metrics import get_metrics
 from blockpress.runtime.queue.jobqueue import Claim
 from blockpress.runtime.tracing.names import Attr, SpanName
-from blockpress.runtime.tracing.telemetry import extract_context, get_tracer, record_queue_wait
+from blockpress.runtime.tracing.telemetry import extract_context, get_tracer, job_context, record_queue_wait
 from blockpress.workers.outcome import Ending
 
 __all__ = ["describe", "record_metrics", "replica_span"]
@@ -42,13 +43,16 @@ def replica_span(claim: Claim) -> Iterator[trace.Span]:
         Attr.REPLICA: claim.consumer,
         Attr.GEN_AI_REQUEST_MODEL: spec.model,
     }
-    with get_tracer().start_as_current_span(
-        SpanName.REPLICA_RUN,
-        context=extract_context(spec.trace_context),
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-    ) as span:
-        yield span
+    # Attached rather than passed as the span's parent context: the span becomes current on top of the
+    # current context, and the job's canvas counter must be in it for every span opened below.
+    token = otel_context.attach(job_context(extract_context(spec.trace_context)))
+    try:
+        with get_tracer().start_as_current_span(
+            SpanName.REPLICA_RUN, kind=trace.SpanKind.CONSUMER, attributes=attributes
+        ) as span:
+            yield span
+    finally:
+        otel_context.detach(token)
 
 
 def describe(span: trace.Span, ending: Ending) -> None:

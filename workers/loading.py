@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from blockpress.workers.errors import ModelConfigError
 
-__all__ = ["load_checkpoint", "resolve_device", "resolve_dtype"]
+__all__ = ["QUANTIZATIONS", "Quantization", "load_checkpoint", "resolve_device", "resolve_dtype"]
+
+# Spelled here, not imported from .quantize, so that the unquantized path never imports bitsandbytes.
+Quantization = Literal["nf4", "fp8"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,12 +58,21 @@ def _check_local(path: Path) -> None:
         )
 
 
-def load_checkpoint(path_or_id: str, *, device: str, dtype: str) -> tuple[Any, Any]:
-    """Returns (model, tokenizer) for a local directory or a hub id."""
+def load_checkpoint(
+    path_or_id: str,
+    *,
+    device: str,
+    dtype: str,
+    quantization: str | None = None,
+    kernels: str = "auto",
+) -> tuple[Any, Any]:
+    """Returns (model, tokenizer) for a local directory or a hub id, quantized if asked."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ModelConfigError(f"quantization: {quantization!r} is not supported; use {', '.join(QUANTIZATIONS)}")
     local = Path(path_or_id).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -70,6 +83,11 @@ def load_checkpoint(path_or_id: str, *, device: str, dtype: str) -> tuple[Any, A
             f"model: {path_or_id!r} is neither an existing directory nor a hub id of the form owner/name"
         )
     try:
+        if quantization is not None:
+            directory = local if local.exists() else _download(path_or_id)
+            model = _load_quantized(directory, target, torch_dtype, quantization, kernels)
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            return model, tokenizer
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             str(local) if local.exists() else path_or_id, dtype=torch_dtype
         )
@@ -82,3 +100,32 @@ def load_checkpoint(path_or_id: str, *, device: str, dtype: str) -> tuple[Any, A
         raise ModelConfigError(f"model: {path_or_id!r} is not a DiffusionGemma checkpoint: {exc}") from exc
     model = model.to(target)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
     return model.eval(), tokenizer
+
+
+def _download(repo_id: str) -> Path:
+    """The local snapshot of a hub checkpoint (the cache only, under HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"]))
+
+
+def _load_quantized(directory: Path, device: torch.device, dtype: torch.dtype, quantization: str, kernels: str) -> Any:
+    """Builds the model layer by layer from the checkpoint's tensors, quantizing each layer as it lands."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from blockpress.workers.layerwise import SafetensorsSource, build_layerwise
+
+    config = DiffusionGemmaConfig.from_pretrained(str(directory))
+    model = build_layerwise(
+        config,
+        SafetensorsSource(directory),
+        device=device,
+        dtype=dtype,
+        quantization=quantization,  # type: ignore[arg-type]
+        kernels=kernels,  # type: ignore[arg-type]
+    )
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = DiffusionGemmaForBlockDiffusion.generation_config_class.from_pretrained(
+            str(directory)
+        )
+    return model

@@ -1,9 +1,14 @@
-"""`ReplicaPool`: the configured number of `Replica` actors for one model, kept alive.
+"""`ReplicaPool`: the replicas of one model, kept alive, placed by node kind, resized on demand.
 
 Ray restarts a replica whose process dies (`max_restarts=-1`), and the restarted actor resumes pulling
 jobs by itself. The pool covers what Ray does not: an actor that is dead for good (killed without
 restart, its node lost, its constructor failing) is replaced by a new one under the same replica id,
 so the model keeps its N consumers. `check()` does one round; `watch()` runs it in a thread.
+
+Placement: replicas ask Ray for a node whose `node-kind` label is one of `placement` (a label selector),
+so on KubeRay an actor that finds no such node with room waits, and the autoscaler adds a pod of a
+group that carries the label. `scale_to(n)` grows at once and shrinks by draining: a replica leaving
+the pool stops claiming, finishes the job in hand, and only then is its actor ended (by `check()`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from blockpress.workers.faults import FaultInjector
-from blockpress.workers.replica import Replica
+from blockpress.workers.replica import NODE_KIND_LABEL, Replica
 
 __all__ = ["ReplicaPool"]
 
@@ -25,15 +30,15 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaPool:
-    """N replicas of one model.
+    """The replicas of one model.
 
     Args:
         model_path: checkpoint directory or hub id; the model's name is its last path part.
-        replicas: how many replicas to keep.
+        replicas: how many replicas to start with.
         redis_url: the queue's Redis.
         queue_options: `JobQueue` keyword arguments every replica uses (lease_s, max_deliveries, ...).
         device, dtype: engine placement; with `device` other than "cpu" and a GPU in the cluster, each
-            replica asks Ray for one GPU.
+            replica asks Ray for one GPU (see `num_gpus`).
         env: environment variables of the replicas' processes (e.g. `PYTHONPATH` for tool plugins).
         name_prefix: actor names are `<prefix><model>-<i>`.
         torch_threads: intra-op threads per CPU replica; None leaves torch's default.
@@ -45,6 +50,10 @@ class ReplicaPool:
         trace_retention_s: how long the trace store keeps the replicas' spans; None: its default.
         faults: fault hooks every replica's job loop calls, for fault tests (e.g.
             `blockpress.workers.testing.PromptFaults()`); None (default) makes no fault checks.
+        placement: node kinds (`node-kind` labels) the replicas may run on; empty: any node.
+        node_kinds: engine options by node kind (`RuntimeSettings.node_kinds` as plain dicts); each
+            replica applies the entry of the node it lands on.
+        num_gpus: GPUs per replica; None: 1 when `device` is not cpu and the cluster has a GPU now.
     """
 
     def __init__(
@@ -65,12 +74,15 @@ class ReplicaPool:
         http_allowed_hosts: Sequence[str] = (),
         trace_retention_s: float | None = None,
         faults: FaultInjector | None = None,
+        placement: Sequence[str] = (),
+        node_kinds: Mapping[str, Mapping[str, Any]] | None = None,
+        num_gpus: float | None = None,
     ) -> None:
         from blockpress.runtime.config import model_name
 
         self.model_path = model_path
         self.model = model_name(model_path)
-        self.size = replicas
+        self._initial = replicas
         self._kwargs = {
             "redis_url": redis_url,
             "queue_options": dict(queue_options or {}),
@@ -83,53 +95,132 @@ class ReplicaPool:
             "http_allowed_hosts": tuple(http_allowed_hosts),
             "trace_retention_s": trace_retention_s,
             "faults": faults,
+            "node_kinds": {kind: dict(options) for kind, options in (node_kinds or {}).items()},
         }
+        self.placement = tuple(placement)
+        self._num_gpus = num_gpus
         self._env = dict(env or {})
         self._prefix = name_prefix
         self._actors: dict[str, Any] = {}
+        self._draining: dict[str, Any] = {}
+        # The watcher thread and the autoscaler both change the actor tables.
+        self._lock = threading.RLock()
         self.replaced = 0
         """Actors this pool replaced because they were dead for good."""
+        self.drained = 0
+        """Replicas that left the pool after finishing their work (scale-down)."""
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def replica_ids(self) -> list[str]:
-        return [f"{self._prefix}{self.model}-{i}" for i in range(self.size)]
+    @property
+    def size(self) -> int:
+        """Replicas in the pool, not counting those draining out of it."""
+        return len(self._actors)
 
-    def _spawn(self, replica_id: str) -> Any:
-        gpus = 1 if self._kwargs["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    @property
+    def draining(self) -> int:
+        """Replicas finishing their job in hand before they end."""
+        return len(self._draining)
+
+    def replica_ids(self) -> list[str]:
+        return sorted(self._actors, key=self._index)
+
+    def _index(self, replica_id: str) -> int:
+        return int(replica_id.rsplit("-", 1)[1])
+
+    def _actor_options(self, replica_id: str) -> dict[str, Any]:
+        gpus = self._num_gpus
+        if gpus is None:
+            gpus = 1 if self._kwargs["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         options: dict[str, Any] = {"name": replica_id, "num_gpus": gpus, "num_cpus": 0}
+        if self.placement:
+            options["label_selector"] = {NODE_KIND_LABEL: f"in({','.join(self.placement)})"}
         if self._env:
             options["runtime_env"] = {"env_vars": self._env}
+        return options
+
+    def _spawn(self, replica_id: str) -> Any:
+        options = self._actor_options(replica_id)
         return Replica.options(**options).remote(self.model_path, replica_id=replica_id, **self._kwargs)  # type: ignore[attr-defined]
 
     def start(self, *, timeout_s: float = 120.0) -> None:
         """Starts the replicas and waits until each has loaded its engine."""
-        for replica_id in self.replica_ids():
-            self._actors[replica_id] = self._spawn(replica_id)
+        self.scale_to(self._initial)
         self.infos(timeout_s=timeout_s)
 
     def infos(self, *, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Each replica's `info()`; raises if one does not answer within `timeout_s`."""
-        return list(ray.get([a.info.remote() for a in self._actors.values()], timeout=timeout_s))
+        with self._lock:
+            actors = [self._actors[i] for i in self.replica_ids()]
+        return list(ray.get([a.info.remote() for a in actors], timeout=timeout_s))
 
     def actor(self, replica_id: str) -> Any:
         return self._actors[replica_id]
 
+    def scale_to(self, n: int) -> int:
+        """Makes the pool `n` replicas: new ones start now, surplus ones drain; returns the change.
+
+        The replicas that leave are the idle ones first (then the newest), and each finishes the job
+        in hand: it stops claiming at once and is ended by a later `check()` once its loop has ended.
+        """
+        with self._lock:
+            change = n - len(self._actors)
+            taken = set(self._actors) | set(self._draining)
+            i = 0
+            while len(self._actors) < n:
+                replica_id = f"{self._prefix}{self.model}-{i}"
+                if replica_id not in taken:
+                    self._actors[replica_id] = self._spawn(replica_id)
+                i += 1
+            if len(self._actors) > n:
+                for replica_id in self._drain_order()[: len(self._actors) - n]:
+                    actor = self._actors.pop(replica_id)
+                    actor.stop.remote(0)  # returns at once; the loop ends after the job in hand
+                    self._draining[replica_id] = actor
+                    log.info("replica %s draining (pool of %s shrinks to %d)", replica_id, self.model, n)
+            return change
+
+    def _drain_order(self) -> list[str]:
+        """Replica ids, idle ones first, newest first within each: who leaves on a scale-down."""
+        ids = self.replica_ids()
+        refs = {i: self._actors[i].info.remote() for i in ids}
+        busy: dict[str, bool] = {}
+        for replica_id, ref in refs.items():
+            try:
+                busy[replica_id] = ray.get(ref, timeout=5.0)["current_job"] is not None
+            except Exception:  # loading, restarting or gone: treat as busy, so idle ones leave first
+                busy[replica_id] = True
+        return sorted(ids, key=lambda i: (busy[i], -self._index(i)))
+
     def check(self, *, timeout_s: float = 5.0) -> int:
-        """Replaces every replica that is dead for good; returns how many were replaced.
+        """Replaces every replica that is dead for good and ends drained ones; returns how many were replaced.
 
         A replica Ray is restarting does not count as dead: it comes back on its own.
         """
         replaced = 0
-        for replica_id, actor in list(self._actors.items()):
-            try:
-                ray.get(actor.info.remote(), timeout=timeout_s)
-            except (GetTimeoutError, ActorUnavailableError):
-                continue  # busy loading or restarting
-            except RayActorError as exc:
-                log.warning("replica %s is dead (%s); starting a new one", replica_id, exc)
-                self._actors[replica_id] = self._spawn(replica_id)
-                replaced += 1
+        with self._lock:
+            for replica_id, actor in list(self._actors.items()):
+                try:
+                    ray.get(actor.info.remote(), timeout=timeout_s)
+                except (GetTimeoutError, ActorUnavailableError):
+                    continue  # busy loading or restarting
+                except RayActorError as exc:
+                    log.warning("replica %s is dead (%s); starting a new one", replica_id, exc)
+                    self._actors[replica_id] = self._spawn(replica_id)
+                    replaced += 1
+            for replica_id, actor in list(self._draining.items()):
+                try:
+                    # Asked again each round: an actor Ray restarted while draining has a fresh loop.
+                    ended = ray.get(actor.stop.remote(0), timeout=timeout_s)
+                except (GetTimeoutError, ActorUnavailableError):
+                    continue
+                except RayActorError:
+                    ended = True  # gone already; its job's lease lapses and another replica takes it
+                if ended:
+                    ray.kill(actor, no_restart=True)
+                    del self._draining[replica_id]
+                    self.drained += 1
+                    log.info("replica %s drained and stopped", replica_id)
         self.replaced += replaced
         return replaced
 
@@ -151,14 +242,17 @@ class ReplicaPool:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
-        pending = [a.stop.remote(drain_s) for a in self._actors.values()]
+        with self._lock:
+            actors = [*self._actors.values(), *self._draining.values()]
+            self._actors.clear()
+            self._draining.clear()
+        pending = [a.stop.remote(drain_s) for a in actors]
         try:
             ray.get(pending, timeout=drain_s + 5)
         except Exception as exc:  # a dead or stuck replica must not keep the others alive
             log.warning("replica pool drain incomplete: %s", exc)
-        for actor in self._actors.values():
+        for actor in actors:
             ray.kill(actor, no_restart=True)
-        self._actors.clear()
 
     def __enter__(self) -> ReplicaPool:
         self.start()

@@ -10,12 +10,13 @@ Ray's own thread while a job runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -31,7 +32,10 @@ from blockpress.workers.ledger import RedisLedger
 from blockpress.workers.runner import JobRunner
 from blockpress.workers.traced import TracedEngine
 
-__all__ = ["Replica"]
+__all__ = ["NODE_KIND_LABEL", "Replica", "engine_options"]
+
+NODE_KIND_LABEL = "node-kind"
+"""The Ray node label naming a node's kind: `ray start --labels node-kind=...`, a KubeRay group's `labels`."""
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,15 @@ class Replica:
             dropped first.
         metrics_port: serve Prometheus `/metrics` of this replica on this port (0: any free port,
             which `info()["metrics_port"]` then names); None serves none.
+        metrics_host: the interface `/metrics` binds; None (default): this Ray node's address.
         agent_pin: a `blockpress.workers.agent_model.TemplatePolicy` as `module:function` (for
             example `blockpress.workers.agent_model:pin_tool_call_skeleton`): text pinned at the start
             of agent turns. None pins nothing.
         http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
         trace_retention_s: how long the trace store keeps this replica's spans; None: its default.
         faults: fault hooks for the job loop, installed by fault tests only; None makes no checks.
+        node_kinds: engine options (`device`, `dtype`, `quantization`) by node kind; the entry of the
+            node this actor lands on (its Ray label `node-kind`) overrides `device` and `dtype`.
     """
 
     def __init__(
@@ -71,10 +78,12 @@ class Replica:
         torch_threads: int | None = None,
         max_sessions: int = 8,
         metrics_port: int | None = None,
+        metrics_host: str | None = None,
         agent_pin: str | None = None,
         http_allowed_hosts: Sequence[str] = (),
         trace_retention_s: float | None = None,
         faults: FaultInjector | None = None,
+        node_kinds: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         from blockpress.workers.engine import DiffusionEngine  # torch: loaded in the actor, not by the pool
 
@@ -84,9 +93,15 @@ class Replica:
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
         self.started_at = time.time()
-        engine = DiffusionEngine.from_pretrained(model_path, device=device, dtype=dtype)
+        # Resolved where the actor landed, not where the pool asked: after a node loss Ray restarts
+        # this actor on whichever matching node has room, and that node's kind decides the options.
+        node_kind, options = engine_options(node_kinds, device=device, dtype=dtype)
+        engine = DiffusionEngine.from_pretrained(model_path, **options)
         self.model = engine.model_name
         self.engine_info = {
+            "node_kind": node_kind,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "quantization": options.get("quantization"),
             "model": engine.model_name,
             "context_length": engine.context_length,
             "canvas_length": engine.canvas_length,
@@ -104,7 +119,10 @@ class Replica:
         if metrics_port is not None:
             from blockpress.runtime.metrics import start_metrics_server
 
-            self.metrics_port = int(start_metrics_server(metrics_port).server_port)
+            # Ray's node address, not 0.0.0.0: loopback under `serve` (its Ray stays on 127.0.0.1),
+            # the pod's address in a cluster, where the scraper reaches it as it reaches Ray.
+            host = metrics_host or ray.util.get_node_ip_address()
+            self.metrics_port = int(start_metrics_server(metrics_port, host=host).server_port)
         self._max_sessions = max_sessions
         self._redis_url = redis_url
         self._queue_options = dict(queue_options or {})
@@ -163,10 +181,26 @@ class Replica:
 
     def stop(self, timeout_s: float = 60.0) -> bool:
         """Stops claiming jobs, lets the job in hand finish, and returns whether the loop ended in time."""
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        # Asked again once the loop has ended (a pool polls a draining replica): its loop is closed.
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
+
+
+def engine_options(
+    node_kinds: Mapping[str, Mapping[str, Any]] | None, *, device: str, dtype: str
+) -> tuple[str | None, dict[str, Any]]:
+    """This node's kind (its Ray label `node-kind`) and the engine options it gets there."""
+    labels = ray.get_runtime_context().get_node_labels()
+    kind: Any = labels.get(NODE_KIND_LABEL)
+    if isinstance(kind, list):  # typed as a list of values in Ray's stubs, a plain string at run time
+        kind = kind[0] if kind else None
+    options: dict[str, Any] = {"device": device, "dtype": dtype}
+    given = (node_kinds or {}).get(kind or "", {})
+    options.update({key: value for key, value in given.items() if value is not None})
+    return (str(kind) if kind else None), options
 
 
 def _agent_options(pin: str | None, http_allowed_hosts: Sequence[str] = ()) -> dict[str, Any]:

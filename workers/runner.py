@@ -8,7 +8,8 @@ every `lease_s / 3` and polls the cancel flag every `cancel_poll_s`; either a ca
 sets the `threading.Event` the engine checks before every denoising step.
 
 Outcomes: SUCCEEDED with the `completed` payload; FAILED (`INVALID_ARGUMENT`) for a request the engine
-refuses; CANCELLED; nothing at all when the lease was lost (the newer attempt owns the job). An
+refuses; CANCELLED; EXPIRED when the job's deadline passes while it runs (the watcher stops it like a
+cancel); nothing at all when the lease was lost (the newer attempt owns the job). An
 `EngineBroken` (CUDA error, out of memory) calls `on_broken`, which by default ends the process so
 that Ray starts a fresh replica; the job is redelivered once its lease expires.
 
@@ -48,6 +49,8 @@ __all__ = ["JobRunner"]
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_SWEEP_S = 0.25
+"""How often a busy replica expires queued jobs past their deadline."""
 _T = TypeVar("_T")
 
 
@@ -145,9 +148,13 @@ class JobRunner:
         cancel = threading.Event()
         lost = asyncio.Event()
         done = asyncio.Event()
-        watcher = asyncio.create_task(self._watch(claim, cancel, lost, done))
+        expired = asyncio.Event()
+        watcher = asyncio.create_task(self._watch(claim, cancel, lost, done, expired))
         try:
             ending = await self._execute(claim, cancel, lost)
+            if expired.is_set() and ending.state is JobState.CANCELLED:
+                # Stopped by its deadline, not by the client: EXPIRED, as a queued job past it.
+                ending = Ending(JobState.EXPIRED, None, None)
         finally:
             # Stopped by an event, not Task.cancel(): redis-py may turn a cancellation that lands
             # mid-command into a ConnectionError, which the watcher rides out as transient, and
@@ -197,7 +204,7 @@ class JobRunner:
                     index=item.canvas_index, text=item.text, steps=item.stats.steps, tokens=item.stats.tokens_committed
                 )
                 kind, data = to_data(canvas)
-            elif isinstance(item, PAYLOAD_TYPES):  # from an agent job's emit
+            elif isinstance(item, PAYLOAD_TYPES) and not isinstance(item, Completed):  # an agent job's emit
                 kind, data = to_data(item)
             else:
                 outcome = item
@@ -245,18 +252,32 @@ class JobRunner:
         finally:
             post(_DONE)
 
-    async def _watch(self, claim: Claim, cancel: threading.Event, lost: asyncio.Event, done: asyncio.Event) -> None:
-        """Renews the lease and watches the cancel flag until `done` is set."""
+    async def _watch(
+        self, claim: Claim, cancel: threading.Event, lost: asyncio.Event, done: asyncio.Event, expired: asyncio.Event
+    ) -> None:
+        """Renews the lease, watches the cancel flag and the job's deadline until `done` is set.
+
+        While busy it also sweeps the model's queued jobs past their deadline (`expire_due`), so
+        they end on time although no replica is claiming.
+        """
         every = max(self.queue.lease_s / 3, self.cancel_poll_s)
         next_beat = time.monotonic() + every
+        next_sweep = time.monotonic()
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.cancel_poll_s)
             if done.is_set():
                 return
+            deadline = claim.spec.deadline
+            if deadline is not None and time.time() > deadline and not cancel.is_set():
+                expired.set()
+                cancel.set()
             try:
                 if await self.queue.is_cancelled(claim.job_id):
                     cancel.set()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + _SWEEP_S
+                    await self.queue.expire_due(self.model)
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + every
                     await self.queue.beat(self.model, self.replica_id)  # health: alive while busy

@@ -1,4 +1,4 @@
-"""`TracedEngine`: an `Engine` whose generations record `engine.prefill` and `engine.canvas` spans.
+"""`TracedEngine`: an `Engine` whose generations record `engine.prefill`, `engine.commit` and `engine.canvas` spans.
 
 The replica wraps its engine in one, so the engine's part of a job's trace comes from a wrapper
 rather than from code inside the denoising loop; the runner and the agent model see an `Engine` either
@@ -16,9 +16,16 @@ from opentelemetry import trace
 
 from blockpress.runtime.contracts.settings import DenoiseSettings
 from blockpress.runtime.tracing.names import Attr, SpanName
-from blockpress.runtime.tracing.telemetry import get_tracer
+from blockpress.runtime.tracing.telemetry import canvas_counter, get_tracer
 from blockpress.workers.protocol import CancelSignal, Engine, Prompt, Session
-from blockpress.workers.types import CanvasEvent, DraftEvent, EndEvent, GenerationResult, StreamEvent, result_of
+from blockpress.workers.types import (
+    CanvasEvent,
+    DraftEvent,
+    EndEvent,
+    GenerationResult,
+    StreamEvent,
+    result_of,
+)
 
 __all__ = ["TracedEngine", "trace_stream"]
 
@@ -86,17 +93,16 @@ class TracedEngine:
 
 
 def trace_stream(events: Iterable[StreamEvent], *, tracer: trace.Tracer | None = None) -> Iterator[StreamEvent]:
-    """Pass an engine stream through, recording `engine.prefill` and one `engine.canvas` per canvas.
+    """Pass an engine stream through, recording `engine.prefill`, `engine.commit` and `engine.canvas` spans.
 
-    Spans are parented on the context current when iteration starts (the replica's `replica.run`).
-    A denoising step costs one clock read and one list append here; the span and its step events are
-    built once per canvas, when the canvas is committed, so tracing stays off the step loop.
+    Spans are parented on the context current when iteration starts (the replica's `replica.run`, or
+    an agent turn). A denoising step costs one clock read and one list append here; the spans and their
+    step events are built once per canvas, when the canvas is committed, so tracing stays off the step
+    loop. Times come from the engine's own measurements (`DraftEvent.step_s`, `decoder_s`, `commit_s`,
+    `prefill`), placed on the wall clock at the moment each step is reported.
     """
     tracer = tracer or get_tracer()
     recorder = _StreamRecorder(tracer, otel_context.get_current(), time.time_ns())
-    if not recorder.prefill.is_recording():
-        yield from events
-        return
     steps = recorder.steps
     try:
         for event in events:
@@ -127,81 +133,119 @@ class _StreamRecorder:
         self.tracer = tracer
         self.parent = parent
         self.start_ns = start_ns
-        self.prefill = tracer.start_span(SpanName.ENGINE_PREFILL, context=parent, start_time=start_ns)
+        # Spans are made once their times are known (the prefill's from the engine's own timing), so
+        # each starts where what it names began, not where the stream was first read.
         self.prefill_open = True
+        self.prefill_end_ns: int | None = None
         self.steps: list[tuple[int, DraftEvent]] = []
-        self.canvas_start_ns: int | None = None
+        self.last_end_ns: int | None = None
+        """Where the previous canvas ended: the start of a canvas that streamed no drafts."""
+        self.job_index = canvas_counter(parent)
 
-    def _canvas_start(self, now: int, step_s: float) -> int:
-        # The engine reports nothing when prefill ends; it ended one step before the first step was
-        # reported, which is exact enough for a waterfall and costs nothing.
-        if self.steps:
-            now, step_s = self.steps[0][0], self.steps[0][1].step_s
-        if self.canvas_start_ns is None:
-            self.canvas_start_ns = max(self.start_ns, now - int(step_s * 1e9))
-        return self.canvas_start_ns
+    def _first_step(self) -> int | None:
+        """Start of the canvas's first step: it was reported `step_s` after it began."""
+        if not self.steps:
+            return None
+        at, first = self.steps[0]
+        # Never before what preceded it on this thread: reported times are exact, the clamp only
+        # absorbs clock granularity.
+        floor = self.last_end_ns or self.start_ns
+        begin = max(floor, at - int(first.step_s * 1e9))
+        if first.commit_s:
+            committed = (first.canvas_index if self.job_index is None else self.job_index.peek()) - 1
+            commit_start = max(floor, begin - int(first.commit_s * 1e9))
+            self._span(SpanName.ENGINE_COMMIT, commit_start, begin, {Attr.CANVAS_INDEX: committed})
+            begin = max(begin, commit_start)
+        if first.prefill is not None and self.prefill_open:
+            p = first.prefill
+            self._prefill(begin - int(p.seconds * 1e9), begin, p.prompt_tokens, p.prefilled_tokens)
+        return begin
+
+    def _span(self, name: str, start: int, end: int | None, attributes: dict[str, Any]) -> trace.Span:
+        span = self.tracer.start_span(name, context=self.parent, start_time=start, attributes=attributes)
+        if end is not None:
+            span.end(end_time=end)
+        return span
+
+    def _prefill(self, start: int, end: int | None, prompt: int | None, prefilled: int | None) -> trace.Span:
+        attributes = {} if prompt is None else {Attr.GEN_AI_INPUT_TOKENS: prompt, Attr.PREFILL_TOKENS: prefilled}
+        self.prefill_open = False
+        self.prefill_end_ns = end
+        return self._span(SpanName.ENGINE_PREFILL, max(self.start_ns, start), end, attributes)
 
     def _canvas_span(self, start: int, attributes: dict[str, Any]) -> trace.Span:
         span = self.tracer.start_span(
             SpanName.ENGINE_CANVAS, context=self.parent, start_time=start, attributes=attributes
         )
         for at, d in self.steps:
-            span.add_event(SpanName.STEP_EVENT, _step(d.step, d.step_s, d.accepted, d.mean_entropy), timestamp=at)
+            span.add_event(SpanName.STEP_EVENT, _step(d), timestamp=at)
         self.steps.clear()
         return span
 
+    def _next_index(self, engine_index: int) -> int:
+        return engine_index if self.job_index is None else self.job_index.next()
+
     def canvas(self, now: int, event: CanvasEvent) -> None:
         stats = event.stats
-        start = self._canvas_start(now, sum(stats.step_s))
         had_drafts = bool(self.steps)
-        span = self._canvas_span(
-            start,
-            {
-                Attr.CANVAS_INDEX: stats.index,
-                Attr.CANVAS_STEPS: stats.steps,
-                Attr.CANVAS_MAX_STEPS: stats.max_steps,
-                Attr.CANVAS_TOKENS: stats.tokens_committed,
-                Attr.CANVAS_MEAN_ENTROPY: stats.mean_entropy,
-            },
-        )
+        start = self._first_step()
+        if start is None:
+            start = max(self.prefill_end_ns or self.start_ns, self.last_end_ns or 0, now - int(sum(stats.step_s) * 1e9))
+        attributes: dict[str, Any] = {
+            Attr.CANVAS_INDEX: self._next_index(stats.index),
+            Attr.CANVAS_GENERATION_INDEX: stats.index,
+            Attr.CANVAS_STEPS: stats.steps,
+            Attr.CANVAS_MAX_STEPS: stats.max_steps,
+            Attr.CANVAS_TOKENS: stats.tokens_committed,
+            Attr.CANVAS_MEAN_ENTROPY: stats.mean_entropy,
+            Attr.CANVAS_DENOISE_MS: sum(stats.step_s) * 1e3,
+        }
+        span = self._canvas_span(start, attributes)
         if not had_drafts:
             # No drafts were streamed: the canvas's own statistics still give every step but its entropy.
             at = start
             # Steps count from 1, as the engine's `DraftEvent.step` does.
             for i, (step_s, accepted) in enumerate(zip(stats.step_s, stats.accepted_per_step, strict=False), 1):
                 at += int(step_s * 1e9)
-                span.add_event(SpanName.STEP_EVENT, _step(i, step_s, accepted, None), timestamp=at)
+                span.add_event(SpanName.STEP_EVENT, _step(DraftEvent(stats.index, i, [], accepted, -1.0, step_s)),
+                               timestamp=at)  # fmt: skip
         span.end(end_time=now)
-        self.canvas_start_ns = now
+        self.last_end_ns = now
 
     def end(self, result: GenerationResult) -> None:
-        self.prefill.set_attribute(Attr.GEN_AI_INPUT_TOKENS, result.prompt_tokens)
-        self.prefill.set_attribute(Attr.PREFILL_TOKENS, result.prefilled_tokens)
-        self.prefill.end(end_time=self.start_ns + int(result.timings.prefill_s * 1e9))
-        self.prefill_open = False
+        if not self.prefill_open:
+            return
+        # An engine that reports no prefill with its first step: the result's timings say how long it took.
+        end = self.start_ns + int(result.timings.prefill_s * 1e9)
+        self._prefill(self.start_ns, end, result.prompt_tokens, result.prefilled_tokens)
 
     def fail(self, exc: Exception) -> None:
         """Mark the stage the engine was in when it raised (cancelled, broken) as failed."""
         if self.steps:
             index, taken = self.steps[0][1].canvas_index, len(self.steps)
-            span = self._canvas_span(self._canvas_start(0, 0.0), {Attr.CANVAS_INDEX: index, Attr.CANVAS_STEPS: taken})
-        elif self.canvas_start_ns is None:
-            span = self.prefill
+            begin = self._first_step() or self.start_ns
+            span = self._canvas_span(begin, {Attr.CANVAS_INDEX: self._next_index(index), Attr.CANVAS_STEPS: taken})
+        elif self.prefill_open and self.last_end_ns is None:
+            span = self._prefill(self.start_ns, None, None, None)
         else:
             return
         span.record_exception(exc)
         span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
-        if span is not self.prefill:
-            span.end()
+        span.end()
 
     def close(self) -> None:
+        if self.steps:
+            self._first_step()  # a stream stopped mid-canvas still reports its prefill and commit
         if self.prefill_open:
-            self.prefill.end(end_time=self.canvas_start_ns)
-            self.prefill_open = False
+            # Neither a first step nor a result said when the prefill ended: up to the first canvas.
+            self._prefill(self.start_ns, self.last_end_ns or time.time_ns(), None, None)
 
 
-def _step(step: int, step_s: float, accepted: int, mean_entropy: float | None) -> dict[str, Any]:
-    attributes: dict[str, Any] = {Attr.STEP: step, Attr.STEP_MS: step_s * 1e3, Attr.ACCEPTED: accepted}
-    if mean_entropy is not None:
-        attributes[Attr.MEAN_ENTROPY] = mean_entropy
+def _step(d: DraftEvent) -> dict[str, Any]:
+    attributes: dict[str, Any] = {Attr.STEP: d.step, Attr.STEP_MS: d.step_s * 1e3, Attr.ACCEPTED: d.accepted}
+    if d.mean_entropy >= 0:
+        attributes[Attr.MEAN_ENTROPY] = d.mean_entropy
+    if d.decoder_s is not None:
+        attributes[Attr.DECODER_MS] = d.decoder_s * 1e3
+        attributes[Attr.SAMPLER_MS] = max(0.0, d.step_s - d.decoder_s) * 1e3
     return attributes

@@ -12,6 +12,7 @@ __all__ = [
     "DraftEvent",
     "EndEvent",
     "GenerationResult",
+    "PrefillStats",
     "StreamEvent",
     "Timings",
     "result_of",
@@ -80,6 +81,16 @@ class GenerationResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillStats:
+    """The prompt prefill of one generation, as the engine measured it."""
+
+    prompt_tokens: int
+    prefilled_tokens: int
+    """Tokens the encoder actually ran (fewer than the prompt on a warm session)."""
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class DraftEvent:
     """The argmax canvas after one denoising step."""
 
@@ -89,6 +100,14 @@ class DraftEvent:
     accepted: int
     mean_entropy: float
     step_s: float
+    decoder_s: float | None = None
+    """The decoder forward's part of `step_s` (embedding to output head); the rest is the sampler's.
+    None where the engine cannot split the step."""
+    commit_s: float = 0.0
+    """Just before this step: encoding the previous canvas into the KV cache (a canvas's first step)."""
+    prefill: PrefillStats | None = None
+    """On a generation's first step only: the prefill that preceded it, so a consumer that stops early
+    (a complete tool call) still knows it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from blockpress.runtime import AgentResult, Client
 from blockpress.runtime.cli.output import print_agent_events, print_events
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import JobError
-from blockpress.runtime.contracts.jobs import new_job_id
+from blockpress.runtime.contracts.jobs import EventType, new_job_id
 from blockpress.runtime.sdk.results import job_outcome
 
 __all__ = ["demo"]
@@ -57,7 +57,7 @@ def _demo_generation(address: str, args: argparse.Namespace) -> bool:
         events = client.stream(messages, tools=tools, max_new_tokens=args.max_new_tokens, seed=0)
         final = print_events(events, drafts=False)
     print("--- result ---")
-    if final is None or final.type != "completed":
+    if final is None or final.type != EventType.COMPLETED:
         print(f"the job ended {final.type if final else 'without a final event'}: {final.data if final else ''}")
         return False
     d = final.data

@@ -11,108 +11,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import socket
-import subprocess
-import time
+import os
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
+from blockpress.runtime.cli.ownedredis import OwnedRedis
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import ConfigurationError
 
-__all__ = ["OwnedRedis", "default_models", "embedded_runtime", "replica_options", "start_ray"]
+__all__ = [
+    "OwnedRedis",
+    "default_models",
+    "embedded_runtime",
+    "model_placement",
+    "ray_on_loopback",
+    "replica_options",
+    "scale_policy",
+    "start_ray",
+]
 
 log = logging.getLogger(__name__)
 
-REDIS_HINT = (
-    "redis-server is not installed; `blockpress serve` starts its own. Install it with "
-    "`sudo apt-get install redis-server` (Debian/Ubuntu), `brew install redis` (macOS) or "
-    "`make redis-server`, or pass --redis-url to use a running Redis."
-)
 
+def start_ray(address: str | None, **init_options: Any) -> bool:
+    """Connects to `address`, or starts a local Ray on loopback; returns whether this process started it.
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    `init_options` go to `ray.init` for a local Ray (tests pass `num_cpus`). Ray's token auth stays on.
 
-
-class OwnedRedis:
-    """A redis-server this process starts and stops, append-only file on, data in `data_dir`.
-
-    Args:
-        data_dir: where the append-only file lives; the same directory on the next start brings the
-            queued jobs back.
-        port: TCP port on 127.0.0.1; 0 picks a free one.
+    Raises:
+        ConfigurationError: the local Ray took a node address other than loopback (a Ray that
+            ignores `ray_on_loopback`); it is shut down rather than left listening on the network.
     """
-
-    def __init__(self, data_dir: Path, *, port: int = 0) -> None:
-        self.data_dir = Path(data_dir)
-        self.port = port or _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, *, timeout_s: float = 10.0) -> str:
-        """Starts redis-server and waits until it answers; returns its URL."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ConfigurationError(REDIS_HINT)
-        redis_dir = self.data_dir / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(redis_dir.resolve()),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-            "--logfile", str((redis_dir / "redis.log").resolve()),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        give_up = time.monotonic() + timeout_s
-        import redis
-
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise ConfigurationError(
-                        f"redis-server exited at start (code {self.process.returncode}); see {redis_dir}/redis.log"
-                    )
-                with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
-                    if client.ping():
-                        break
-                if time.monotonic() > give_up:
-                    raise ConfigurationError(f"redis-server did not answer within {timeout_s:.0f} s")
-                time.sleep(0.05)
-        finally:
-            client.close()
-        log.info("started redis-server on port %d (append-only file in %s)", self.port, redis_dir)
-        return self.url
-
-    def stop(self, *, timeout_s: float = 10.0) -> None:
-        """SIGTERM makes redis-server flush its append-only file and exit; kill only if it hangs."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        log.info("stopped redis-server")
-
-    def __enter__(self) -> OwnedRedis:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def start_ray(address: str | None) -> bool:
-    """Connects to `address`, or starts a local Ray; returns whether this process started it."""
     import ray
 
     if ray.is_initialized():
@@ -120,8 +49,37 @@ def start_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray_on_loopback()
+    options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False, **init_options}
+    ray.init(_node_ip_address="127.0.0.1", **options)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in ("127.0.0.1", "::1"):
+        ray.shutdown()
+        raise ConfigurationError(
+            f"the local Ray took node address {node_ip}, not loopback, so its ports would be reachable from "
+            "the network; start Ray yourself (`ray start --head`) behind a firewall and pass --ray-address"
+        )
     return True
+
+
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_on_loopback() -> None:
+    """Makes the Ray that this process starts next take 127.0.0.1 as its node address and listen there.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node address, and on Linux takes the
+    machine's network address for it: even `_node_ip_address="127.0.0.1"` and `ray start
+    --node-ip-address=127.0.0.1` are rewritten (`services.resolve_ip_for_localhost`). Its
+    single-machine mode, the default on macOS and Windows (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
+    ray-project/ray#19362), keeps every address on loopback and refuses other nodes. Ray reads the
+    variable once, at import, and this process may have imported Ray already, so the read constant
+    is set too; the environment carries the switch to the GCS, the raylet and the workers.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def default_models(settings: RuntimeSettings) -> tuple[str, ...]:
@@ -161,7 +119,32 @@ def replica_options(settings: RuntimeSettings) -> dict[str, Any]:
         "metrics_port": settings.replica_metrics_port,
         "http_allowed_hosts": settings.agent_http_allowed_hosts,
         "trace_retention_s": settings.trace_retention_s,
+        "node_kinds": {kind: options.model_dump(exclude_none=True) for kind, options in settings.node_kinds.items()},
+        "num_gpus": settings.replica_num_gpus,
     }
+
+
+def model_placement(settings: RuntimeSettings, path: str) -> tuple[str, ...]:
+    """The node kinds the replicas of the model at `path` may run on (`RuntimeSettings.placement`)."""
+    from blockpress.runtime.config import model_name
+
+    return settings.placement.get(model_name(path), settings.placement.get("*", ()))
+
+
+def scale_policy(settings: RuntimeSettings) -> Any:
+    """The autoscaling `ScalePolicy` of `settings`, or None when `max_replicas` is unset (fixed size)."""
+    if settings.max_replicas is None:
+        return None
+    from blockpress.workers.autoscale import ScalePolicy
+
+    minimum = settings.replicas if settings.min_replicas is None else settings.min_replicas
+    return ScalePolicy(
+        min_replicas=min(minimum, settings.max_replicas),
+        max_replicas=settings.max_replicas,
+        jobs_per_replica=settings.scale_jobs_per_replica,
+        max_wait_s=settings.scale_max_wait_s,
+        down_idle_s=settings.scale_down_idle_s,
+    )
 
 
 def server_tools(settings: RuntimeSettings) -> list[str]:
@@ -201,7 +184,8 @@ async def embedded_runtime(
             stack.callback(ray.shutdown)
         options = {**replica_options(settings), **(pool_options or {})}
         for path in paths:
-            pool = ReplicaPool(path, settings.replicas, redis_url=redis_url, **options)
+            placement = model_placement(settings, path)
+            pool = ReplicaPool(path, settings.replicas, redis_url=redis_url, placement=placement, **options)
             await asyncio.to_thread(pool.start)
             pool.watch()
             stack.callback(pool.stop, drain_s=settings.drain_s)
@@ -214,3 +198,65 @@ async def embedded_runtime(
         stack.push_async_callback(gateway.queue.redis.aclose)
         stack.push_async_callback(gateway.stop)
         yield gateway
+
+
+@contextlib.asynccontextmanager
+async def cluster_pools(
+    settings: RuntimeSettings, *, models: Sequence[str] | None = None, pool_options: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[list[Any], Any]]:
+    """The `replicas` command: joins Ray, starts one pool per model and, with `max_replicas`, the autoscaler.
+
+    Yields the started pools and the `QueueAutoscaler` (None at a fixed size); leaving the block stops
+    the autoscaler, drains the pools, and shuts down Ray if this started it. Redis is never owned here.
+    """
+    import redis.asyncio as aioredis
+
+    from blockpress.runtime.queue.jobqueue import JobQueue
+    from blockpress.workers.autoscale import QueueAutoscaler
+    from blockpress.workers.pool import ReplicaPool
+
+    paths = tuple(models) if models is not None else await asyncio.to_thread(default_models, settings)
+    redis_url = settings.redis_url_or_default()
+    policy = scale_policy(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        if start_ray(settings.ray_address):
+            import ray
+
+            stack.callback(ray.shutdown)
+        options = {**replica_options(settings), **(pool_options or {})}
+        pools = []
+        for path in paths:
+            size = settings.replicas
+            if policy is not None:
+                size = min(max(size, policy.min_replicas), policy.max_replicas)
+            pool = ReplicaPool(path, size, redis_url=redis_url, placement=model_placement(settings, path), **options)
+            # Registered before the start: a pool half started (some replicas placed) still drains.
+            stack.callback(pool.stop, drain_s=settings.drain_s)
+            # Replicas that wait for a node the KubeRay autoscaler has yet to add must not fail the
+            # start, so with autoscaling on the pool starts without waiting for them.
+            if policy is None:
+                await asyncio.to_thread(pool.start)
+            else:
+                await asyncio.to_thread(pool.scale_to, size)
+            pool.watch()
+            pools.append(pool)
+            log.info("replicas of %s: %d, on node kinds %s", pool.model, size, pool.placement or "any")
+        scaler = None
+        if policy is not None:
+            client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2.0)
+            stack.push_async_callback(client.aclose)
+            scaler = QueueAutoscaler(JobQueue(client), pools, policy, interval_s=settings.scale_interval_s)
+            if settings.pool_metrics_port is not None:
+                from prometheus_client import start_http_server
+
+                server, _ = start_http_server(settings.pool_metrics_port, registry=scaler.metrics.registry)
+                stack.callback(server.shutdown)
+            stop = asyncio.Event()
+            task = asyncio.create_task(scaler.run(stop))
+            stack.push_async_callback(_stop_task, stop, task)
+        yield pools, scaler
+
+
+async def _stop_task(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    stop.set()
+    await task

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -28,9 +29,9 @@ from typing import Any
 
 from blockpress.runtime import AgentResult, Client
 from blockpress.runtime.cli.output import print_agent_events, print_events
-from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.config import DEFAULT_HTTP_PORT, RuntimeSettings
 from blockpress.runtime.contracts.errors import BlockPressError, JobError
-from blockpress.runtime.contracts.jobs import new_job_id
+from blockpress.runtime.contracts.jobs import EventType, new_job_id
 from blockpress.runtime.sdk.results import job_outcome
 
 __all__ = ["main"]
@@ -49,8 +50,22 @@ def _settings(args: argparse.Namespace) -> RuntimeSettings:
         "ray_address": getattr(args, "ray_address", None),
         "device": getattr(args, "device", None),
         "dtype": getattr(args, "dtype", None),
+        "min_replicas": getattr(args, "min_replicas", None),
+        "max_replicas": getattr(args, "max_replicas", None),
+        "pool_metrics_port": getattr(args, "metrics_port", None),
+        "http_port": _http_port(args),
     }
     return RuntimeSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _http_port(args: argparse.Namespace) -> str | int | None:
+    """`--http-port`; the servers serve HTTP on `DEFAULT_HTTP_PORT` unless the flag or the environment
+    says otherwise (`off`)."""
+    if getattr(args, "http_port", None) is not None:
+        return str(args.http_port)
+    if args.command in ("serve", "gateway") and "BLOCKPRESS_HTTP_PORT" not in os.environ:
+        return DEFAULT_HTTP_PORT
+    return None
 
 
 async def _until_signal(stop: Callable[[], Any]) -> None:
@@ -72,6 +87,8 @@ async def _serve(settings: RuntimeSettings) -> int:
 
     async with embedded_runtime(settings) as gateway:
         print(f"blockpress serving {', '.join(gateway.cards)} on {settings.host}:{gateway.port}", flush=True)
+        if gateway.http_port is not None:
+            print(f"HTTP API at http://{settings.host}:{gateway.http_port}/v1", flush=True)
         # `trace stats` reads the trace store in this Redis; an owned one listens on a port of its own.
         print(f"redis at {gateway.settings.redis_url}", flush=True)
         await _until_signal(gateway.stop)
@@ -103,27 +120,16 @@ async def _gateway(settings: RuntimeSettings) -> int:
 
 
 def _replicas(settings: RuntimeSettings) -> int:
-    from blockpress.runtime.cli.embedded import default_models, replica_options, start_ray
-    from blockpress.workers.pool import ReplicaPool
+    from blockpress.runtime.cli.embedded import cluster_pools
 
-    started_ray = start_ray(settings.ray_address)
-    pools = []
-    options = replica_options(settings)
-    try:
-        for path in default_models(settings):
-            pool = ReplicaPool(path, settings.replicas, redis_url=settings.redis_url_or_default(), **options)
-            pool.start()
-            pool.watch()
-            pools.append(pool)
-            print(f"blockpress replicas: {settings.replicas} of {pool.model}", flush=True)
-        asyncio.run(_until_signal(_noop))
-    finally:
-        for pool in pools:
-            pool.stop(drain_s=settings.drain_s)
-        if started_ray:
-            import ray
+    async def run() -> None:
+        async with cluster_pools(settings) as (pools, scaler):
+            for pool in pools:
+                bounds = f"{scaler.policy.min_replicas}..{scaler.policy.max_replicas}" if scaler else "fixed"
+                print(f"blockpress replicas: {pool.size} of {pool.model} ({bounds})", flush=True)
+            await _until_signal(_noop)
 
-            ray.shutdown()
+    asyncio.run(run())
     return 0
 
 
@@ -140,7 +146,7 @@ def _generate(args: argparse.Namespace) -> int:
         final = print_events(
             client.stream(args.prompt, model=args.model, drafts=args.drafts, **settings), drafts=args.drafts
         )
-    if final is not None and final.type == "completed":
+    if final is not None and final.type == EventType.COMPLETED:
         usage = final.data.get("usage", {})
         timings = final.data.get("timings", {})
         sys.stderr.write(
@@ -216,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     def server_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
         q.add_argument("--port", type=int, help="port to listen on (default 50051)")
+        q.add_argument("--http-port", help="OpenAI/Anthropic-compatible HTTP API port (default 8000; 0: free; off)")
 
     def replica_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--replicas", type=int, help="replicas per model (default 1)")
@@ -230,9 +237,12 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("gateway", help="run the gRPC gateway against an existing Redis")
     model_flags(q)
     server_flags(q)
-    q = sub.add_parser("replicas", help="run replicas against an existing Redis and Ray")
+    q = sub.add_parser("replicas", help="run replicas against an existing Redis and Ray (a RayJob's entrypoint)")
     model_flags(q)
     replica_flags(q)
+    q.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas per model (default --replicas)")
+    q.add_argument("--max-replicas", type=int, help="autoscale on the queue up to this many per model")
+    q.add_argument("--metrics-port", type=int, help="serve the autoscaler's Prometheus /metrics here")
 
     def client_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--address", help="gateway host:port (default BLOCKPRESS_ADDRESS, then 127.0.0.1:50051)")
@@ -272,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", action="append")
     q.add_argument("--max-new-tokens", type=int, default=64)
     q.add_argument("--data-dir", help="keep the demo's Redis data here (default: a temporary directory)")
+    from blockpress.runtime.cli.deadletters import add_dead_letter_commands
+
+    add_dead_letter_commands(sub)
     try:
         # One job's trace comes through the gateway's GetTrace (`Client.trace`), `stats` from Redis.
         from blockpress.runtime.cli.trace import add_trace_commands

@@ -14,18 +14,18 @@ def print_events(events: Any, *, drafts: bool, out: Any = sys.stdout, err: Any =
     """Writes committed canvases to `out` as they come (drafts to `err`); returns the final event."""
     final = None
     for event in events:
-        if event.type == "canvas":
+        if event.type == EventType.CANVAS:
             if drafts:
                 err.write("\r\033[K")
             out.write(event.data.get("text", ""))
             out.flush()
-        elif event.type == "draft" and drafts:
+        elif event.type == EventType.DRAFT and drafts:
             text = event.data.get("text", "").replace("\n", " ")
             err.write(
                 f"\r\033[K[canvas {event.data.get('canvas_index', 0)} step {event.data.get('step', 0)}] {text[-60:]}"
             )
             err.flush()
-        elif event.type == "started":
+        elif event.type == EventType.STARTED:
             err.write(f"[started on {event.data.get('replica', '?')}, attempt {event.data.get('attempt', 1)}]\n")
         if event.is_final:
             final = event

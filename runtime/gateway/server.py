@@ -96,21 +96,30 @@ class Gateway:
         self._tracer = tracer
         self._traces = trace_store
         self._trace_client: Any = None  # the trace store's Redis client when the gateway opened it
+        self.http_port: int | None = None
+        """The port the HTTP API is served on, once started with `http_port` set."""
+        self._http: Any = None
 
     # ---- what the servicer uses ---------------------------------------------------------------------
 
     async def admit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> JobSpec:
         """Validates a submit request and turns it into the job to queue; raises the error to answer."""
+        remaining = context.time_remaining()
+        # A deadline on the call is the job's deadline: past it the client no longer waits.
+        return await self.admit_data(
+            request_to_dict(request), deadline=None if remaining is None else time.time() + remaining
+        )
+
+    async def admit_data(self, raw: Mapping[str, Any], *, deadline: float | None = None) -> JobSpec:
+        """`admit` for a request as plain data (`validate_submit`'s input), as the HTTP front sends it."""
         if self.draining:
             raise ServiceUnavailable("the gateway is draining; retry on another gateway")
-        remaining = context.time_remaining()
         spec = validate_submit(
-            request_to_dict(request),
+            raw,
             settings=self.settings,
             cards=self.cards,
             default_model=self.default_model,
-            # A deadline on the call is the job's deadline: past it the client no longer waits.
-            deadline=None if remaining is None else time.time() + remaining,
+            deadline=deadline,
             trace_context=inject_context(),
             agent_tools=self.agent_tools,
         )
@@ -199,6 +208,12 @@ class Gateway:
                 self.queue, list(self.cards), stop=self._sampler_stop, interval_s=_METRICS_INTERVAL_S
             )
             self._sampler = asyncio.create_task(sampler, name="gateway-metrics")
+        if self.settings.http_port is not None:
+            # Imported here: a gateway without the HTTP front (and the SDK) never loads the ASGI stack.
+            from blockpress.runtime.http.server import HttpServer
+
+            self._http = HttpServer(self, host=self.settings.host, port=self.settings.http_port, tracer=self._tracer)
+            self.http_port = await self._http.start()
         log.info("gateway listening on %s:%d serving %s", self.settings.host, self.port, ", ".join(self.cards))
         return self.port
 
@@ -206,8 +221,9 @@ class Gateway:
         """Drains: NOT_SERVING, no new jobs, open calls get `grace` seconds (default `drain_s`)."""
         self.draining = True
         await self._set_serving(False)
-        if self._server is not None:
-            await self._server.stop(self.settings.drain_s if grace is None else grace)
+        grace = self.settings.drain_s if grace is None else grace
+        # Both fronts drain at once, within the one grace period.
+        await asyncio.gather(*(front.stop(grace) for front in (self._http, self._server) if front is not None))
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,7 @@ from blockpress.runtime.gateway.cards import ModelCard
 
 __all__ = ["AgentIn", "GenerationIn", "SubmitIn", "validate_submit"]
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
 
 
 class _Strict(BaseModel):
@@ -111,7 +111,7 @@ class SubmitIn(_Strict):
     @classmethod
     def _job_id(cls, value: str) -> str:
         if value and not _ID.match(value):
-            raise ValueError("must be 1-128 characters of letters, digits and . _ : -")
+            raise ValueError("must be 1-128 characters of ASCII letters, digits and . _ - (nothing else, no newline)")
         return value
 
 

@@ -27,8 +27,14 @@ How nothing is lost or done twice:
   job and only acknowledges it.
 - A delivery that must not run is settled by `claim`: cancelled -> CANCELLED, past its deadline ->
   EXPIRED (never started), after `max_deliveries` deliveries -> DEAD_LETTERED with its last error and
-  an entry in the model's dead-letter stream. `expire_due` expires queued jobs on time even when no
-  replica is claiming.
+  an entry in the model's dead-letter stream (the delivery limit is checked before the deadline, so a
+  job that killed its replica every time is dead-lettered, not EXPIRED). `expire_due` expires queued
+  jobs on time while no replica claims: every replica calls it between claims and, while busy, every
+  0.25 s (workers/runner.py); a replica also stops a running job at its deadline (EXPIRED). With no
+  replica alive at all, nothing sweeps until the gateway calls it too (not wired yet).
+- Every script checks the types of the keys it writes before its first write (a foreign key of
+  the wrong type refuses the call with BPKEYTYPE; a job whose own keys were clobbered is settled
+  into the dead-letter stream instead of crash-looping replicas). Dead letters: `deadletters.py`.
 - Retention: a final job's entry is acknowledged and deleted from the model stream at once, so the
   stream holds only queued and running work and is never trimmed; the record and events of a final
   job expire after `retention_s`.
@@ -41,7 +47,6 @@ All scripts assume one Redis (or keys of one job and its model in one slot); key
 from __future__ import annotations
 
 import time
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,37 +55,16 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from blockpress.runtime.contracts.errors import JobFinished, JobNotFound, QueueFull
-from blockpress.runtime.contracts.events import (
-    Cancelled,
-    DeadLettered,
-    ErrorInfo,
-    Expired,
-    Failed,
-    Payload,
-    to_data,
-)
 from blockpress.runtime.contracts.jobs import FINAL_EVENT_TYPES, Event, JobRecord, JobSpec, JobState, dumps, loads
 from blockpress.runtime.contracts.keys import GROUP, JobField, Keys
 from blockpress.runtime.queue.claim import Claim
+from blockpress.runtime.queue.scripts import NAMES, final_event_data, job_of, script
+from blockpress.runtime.queue.scripts import text as _s
 
 __all__ = ["TRANSIENT_ERRORS", "Claim", "JobQueue"]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a queue call raises while Redis is unreachable or restarting: retry, the data is safe."""
-
-
-def _script(name: str) -> str:
-    folder = resources.files(__package__).joinpath("lua")
-    return folder.joinpath("_common.lua").read_text() + "\n" + folder.joinpath(name).read_text()
-
-
-def _s(value: Any) -> str:
-    # Works with clients made with and without decode_responses.
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _job_of(fields: Any) -> str:
-    return _s(fields.get(b"job") or fields.get("job"))
 
 
 class JobQueue:
@@ -116,10 +100,7 @@ class JobQueue:
         self.retention_s = retention_s
         self.retry_after_s = retry_after_s
         self.keys = keys or Keys()
-        self._scripts = {
-            name: redis_client.register_script(_script(f"{name}.lua"))
-            for name in ("submit", "start", "heartbeat", "append", "finish", "cancel", "expire")
-        }
+        self._scripts = {name: redis_client.register_script(script(name)) for name in NAMES}
         self._groups: set[str] = set()
         self._autoclaim_cursor: dict[str, str] = {}
 
@@ -283,7 +264,7 @@ class JobQueue:
         self._autoclaim_cursor[model] = _s(reply[0])
         for entry_id, fields in reply[1]:
             if fields:
-                return _s(entry_id), _job_of(fields)
+                return _s(entry_id), job_of(fields)
         return None
 
     async def _read_new(self, model: str, consumer: str, block_ms: int | None) -> tuple[str, str] | None:
@@ -298,7 +279,7 @@ class JobQueue:
         streams: Any = reply or ()
         for _stream, entries in streams:
             for entry_id, fields in entries:
-                return _s(entry_id), _job_of(fields)
+                return _s(entry_id), job_of(fields)
         return None
 
     async def _start(self, model: str, consumer: str, entry: tuple[str, str], reclaimed: bool) -> Claim | None:
@@ -363,7 +344,7 @@ class JobQueue:
         if not state.is_final:
             raise ValueError(f"finish needs a final state, got {state}")
         if event_data is None:
-            event_data = _final_event_data(state, claim, result, error)
+            event_data = final_event_data(state, claim, result, error)
         event_id = await self._run(
             "finish", claim.job_id, claim.model,
             claim.job_id, claim.attempt, state.value, FINAL_EVENT_TYPES[state], dumps(event_data),
@@ -379,21 +360,3 @@ class JobQueue:
             await self.redis.hset(key, replica, repr(time.time()))
         else:
             await self.redis.hdel(key, replica)
-
-
-def _final_event_data(
-    state: JobState, claim: Claim, result: dict[str, Any] | None, error: dict[str, str] | None
-) -> dict[str, Any]:
-    if state is JobState.SUCCEEDED:
-        return dict(result or {})
-    info = ErrorInfo(**error) if error else ErrorInfo(message="failed")
-    payload: Payload
-    if state is JobState.FAILED:
-        payload = Failed(error=info, attempt=claim.attempt)
-    elif state is JobState.CANCELLED:
-        payload = Cancelled(reason="cancelled by the client")
-    elif state is JobState.EXPIRED:
-        payload = Expired(deadline=claim.spec.deadline)
-    else:
-        payload = DeadLettered(error=info, deliveries=claim.deliveries)
-    return to_data(payload)[1]

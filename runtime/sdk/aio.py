@@ -200,7 +200,7 @@ class AsyncClient:
     async def trace(self, job_id: str) -> list[SpanRecord]:
         """The spans the runtime kept for a job's trace, ordered by start time.
 
-        Render them with `blockpress.runtime.tracing.view` (`render_text`, `render_html`). Raises
+        Render them with `blockpress.runtime.tracing.view.render_text` or `.page.render_html`. Raises
         `NotFound` when none is kept (unknown job, tracing off, or past retention).
         """
         return convert.spans_from_pb(await self._call(self._stub.GetTrace, pb.GetTraceRequest(job_id=job_id)))

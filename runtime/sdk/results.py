@@ -12,19 +12,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from blockpress.runtime.contracts.errors import BlockPressError, JobCancelled, JobExpired, JobFailed
+from blockpress.runtime.contracts.events import Usage
 from blockpress.runtime.contracts.jobs import Event, EventType
 
+_USAGE_FIELDS = frozenset(f.name for f in fields(Usage))
+
 __all__ = ["AgentResult", "AgentToolCall", "Result", "ToolCall", "Usage", "job_outcome", "outcome", "result_of"]
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one job."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefilled_tokens: int = 0
-    """Prompt tokens the encoder ran; fewer than `prompt_tokens` when a session's cache was warm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +74,7 @@ def result_of(job_id: str, completed: Mapping[str, Any]) -> Result:
         text=completed.get("text", ""),
         token_ids=list(completed.get("token_ids", ())),
         stop_reason=completed.get("stop_reason", ""),
-        usage=Usage(**completed.get("usage", {})),
+        usage=Usage(**{k: int(v) for k, v in (completed.get("usage") or {}).items() if k in _USAGE_FIELDS}),
         timings=dict(completed.get("timings", {})),
         canvases=completed.get("canvases", 0),
         tool_calls=tuple(ToolCall(c["name"], dict(c.get("arguments") or {})) for c in completed.get("tool_calls", ())),

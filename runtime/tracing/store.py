@@ -303,8 +303,11 @@ class TraceStore:
         raw = self._client.get(self._keys.run(label))
         return None if raw is None else dict(json.loads(raw))
 
-    def recent_traces(self, limit: int = 20, *, model: str | None = None, since: float | None = None) -> list[str]:
-        """Trace ids, newest first, optionally only one model's and only those started after `since`."""
+    def recent_traces(
+        self, limit: int = 20, *, model: str | None = None, since: float | None = None, until: float | None = None
+    ) -> list[str]:
+        """Trace ids, newest first, optionally only one model's, started after `since` and before `until`."""
         low = "-inf" if since is None else f"({since}"
-        ids = self._client.zrevrangebyscore(self._keys.recent(model), "+inf", low, start=0, num=limit)
+        high = "+inf" if until is None else f"({until}"
+        ids = self._client.zrevrangebyscore(self._keys.recent(model), high, low, start=0, num=limit)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]

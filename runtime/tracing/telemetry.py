@@ -20,16 +20,20 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from blockpress.runtime.tracing.names import Attr, SpanName
 
 __all__ = [
     "Attr",
+    "CanvasCounter",
     "SpanName",
+    "canvas_counter",
     "extract_context",
     "get_tracer",
     "inject_context",
+    "job_context",
+    "otlp_exporter",
     "record_queue_wait",
     "setup_tracing",
 ]
@@ -75,10 +79,7 @@ def setup_tracing(
             span_limits=SpanLimits(max_events=max_events),
         )
         if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-            # Imported here: the exporter pulls in grpc channel machinery a client may never need.
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            provider.add_span_processor(BatchSpanProcessor(otlp_exporter()))
     if redis_url is not None and not (set_global and redis_url in _global_stores):
         from blockpress.runtime.tracing.store import TraceStoreProcessor
 
@@ -91,6 +92,35 @@ def setup_tracing(
         trace.set_tracer_provider(provider)
         _global_provider = provider
     return provider
+
+
+def otlp_exporter() -> SpanExporter:
+    """The OTLP span exporter `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` (else `OTEL_EXPORTER_OTLP_PROTOCOL`) asks for.
+
+    `grpc` (the default, as the Python SDK's own distro has it, and what the k8s collector listens for
+    on 4317) or `http/protobuf` (port 4318, path /v1/traces); endpoint, headers, timeout and TLS come
+    from the other `OTEL_EXPORTER_OTLP_*` variables, read by the exporter itself.
+
+    Raises:
+        ValueError: another protocol (`http/json` has no Python exporter), or its package is missing.
+    """
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    ).strip()
+    # Imported here: each exporter pulls in transport machinery (grpc channels, requests) a client may never need.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter()
+    if protocol == "http/protobuf":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+        except ImportError:
+            raise ValueError(
+                "OTLP protocol http/protobuf needs the opentelemetry-exporter-otlp-proto-http package"
+            ) from None
+        return HttpExporter()
+    raise ValueError(f"OTLP protocol {protocol!r} is not supported here: use grpc or http/protobuf")
 
 
 _global_provider: TracerProvider | None = None
@@ -115,6 +145,36 @@ def inject_context(ctx: otel_context.Context | None = None) -> dict[str, str]:
 def extract_context(carrier: Mapping[str, str] | None) -> otel_context.Context:
     """The context a job's `trace_context` headers describe; a fresh root context when there are none."""
     return propagate.extract(dict(carrier or {}))
+
+
+class CanvasCounter:
+    """Numbers a job's canvases across its generations, so an agent's second turn goes on from #N."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def peek(self) -> int:
+        return self._value
+
+    def next(self) -> int:
+        value, self._value = self._value, self._value + 1
+        return value
+
+
+_CANVASES: Final = otel_context.create_key("blockpress.canvases")
+
+
+def job_context(ctx: otel_context.Context) -> otel_context.Context:
+    """`ctx` with a fresh `CanvasCounter` that every span context opened under it shares."""
+    return otel_context.set_value(_CANVASES, CanvasCounter(), ctx)
+
+
+def canvas_counter(ctx: otel_context.Context | None = None) -> CanvasCounter | None:
+    """The job's canvas counter in `ctx` (default the current context); None outside a job."""
+    value = otel_context.get_value(_CANVASES, ctx)
+    return value if isinstance(value, CanvasCounter) else None
 
 
 def record_queue_wait(

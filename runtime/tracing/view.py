@@ -1,4 +1,4 @@
-"""Renders one job's trace for a person: a terminal waterfall, a per-canvas table, JSON, one HTML page.
+"""Renders one job's trace for a person: a terminal waterfall, a per-canvas table, JSON (the page: `page.py`).
 
 Input is the trace store's `SpanRecord`s of one trace, in any order. Spans are nested by parent id;
 a span whose parent is not in the trace (the client's own span, say) is drawn as a root.
@@ -6,7 +6,6 @@ a span whose parent is not in the trace (the client's own span, say) is drawn as
 
 from __future__ import annotations
 
-import html
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,9 +18,10 @@ __all__ = [
     "CanvasView",
     "Stage",
     "canvases",
+    "label",
     "largest_stage",
-    "render_html",
     "render_text",
+    "span_tree",
     "stage_times",
     "to_json",
 ]
@@ -41,6 +41,8 @@ class CanvasView:
     step_ms: list[float] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     mean_entropy: list[float] = field(default_factory=list)
+    decoder_ms: list[float] = field(default_factory=list)
+    """The decoder forward's part of each step, where the engine reported it."""
 
     @property
     def ms_per_step(self) -> float:
@@ -58,7 +60,8 @@ class Stage:
     """Of the whole trace, 0..1."""
 
 
-def _label(span: SpanRecord) -> str:
+def label(span: SpanRecord) -> str:
+    """The name a person reads: the span name, with the canvas index, tool name or turn."""
     a = span.attributes
     if span.name == SpanName.ENGINE_CANVAS and Attr.CANVAS_INDEX in a:
         return f"{span.name} #{a[Attr.CANVAS_INDEX]}"
@@ -69,7 +72,7 @@ def _label(span: SpanRecord) -> str:
     return span.name
 
 
-def _tree(spans: Sequence[SpanRecord]) -> list[tuple[int, SpanRecord]]:
+def span_tree(spans: Sequence[SpanRecord]) -> list[tuple[int, SpanRecord]]:
     """Spans in display order (depth first, siblings by start time) with their depth."""
     ids = {s.span_id for s in spans}
     children: dict[str | None, list[SpanRecord]] = defaultdict(list)
@@ -144,6 +147,7 @@ def canvases(spans: Sequence[SpanRecord]) -> list[CanvasView]:
                 step_ms=[float(e[Attr.STEP_MS]) for e in steps if Attr.STEP_MS in e],
                 accepted=[int(e[Attr.ACCEPTED]) for e in steps if Attr.ACCEPTED in e],
                 mean_entropy=[float(e[Attr.MEAN_ENTROPY]) for e in steps if Attr.MEAN_ENTROPY in e],
+                decoder_ms=[float(e[Attr.DECODER_MS]) for e in steps if Attr.DECODER_MS in e],
             )
         )
     return out
@@ -166,8 +170,8 @@ def render_text(spans: Sequence[SpanRecord], *, width: int = 48) -> str:
         return "no spans"
     start, end = _bounds(spans)
     total = end - start
-    rows = _tree(spans)
-    label_w = max(len("  " * d + _label(s)) for d, s in rows)
+    rows = span_tree(spans)
+    label_w = max(len("  " * d + label(s)) for d, s in rows)
     lines = [
         f"trace {spans[0].trace_id}  job {_job_id(spans) or '-'}  {total / 1e6:.1f} ms  {len(spans)} spans",
         f"{'span':<{label_w}}  {'start':>9}  {'duration':>10}  {'share':>5}  axis 0..{total / 1e6:.1f} ms",
@@ -178,7 +182,7 @@ def render_text(spans: Sequence[SpanRecord], *, width: int = 48) -> str:
         bar = (" " * left + "█" * length)[:width].ljust(width)
         mark = "!" if s.status == "ERROR" else " "
         lines.append(
-            f"{'  ' * depth + _label(s):<{label_w}}  {(s.start_ns - start) / 1e6:7.1f}ms"
+            f"{'  ' * depth + label(s):<{label_w}}  {(s.start_ns - start) / 1e6:7.1f}ms"
             f"  {s.duration_s * 1e3:8.1f}ms  {(s.end_ns - s.start_ns) / total:5.0%} {mark}│{bar}│"
         )
     views = canvases(spans)
@@ -212,79 +216,3 @@ def to_json(spans: Sequence[SpanRecord]) -> str:
         "spans": [s.to_dict() for s in sorted(spans, key=lambda s: s.start_ns)],
     }
     return json.dumps(doc, indent=2)
-
-
-_CSS = (
-    "body{font:14px system-ui,sans-serif;margin:24px;color:#222}h1{font-size:18px}"
-    "svg text{font:12px ui-monospace,monospace}.bar{fill:#4a7bd0}.err{fill:#d04a4a}"
-    ".curves{display:flex;flex-wrap:wrap;gap:16px}.acc{stroke:#4a7bd0;fill:none;stroke-width:2}"
-    ".ent{stroke:#e08a1e;fill:none;stroke-width:2;stroke-dasharray:4 3}figure{margin:0}"
-)
-
-
-def _waterfall_svg(spans: Sequence[SpanRecord]) -> str:
-    start, end = _bounds(spans)
-    total = end - start
-    rows = _tree(spans)
-    label_w, bar_w, row_h = 300, 560, 22
-    parts = [f'<svg width="{label_w + bar_w + 140}" height="{row_h * len(rows) + 10}" role="img">']
-    for i, (depth, s) in enumerate(rows):
-        y = i * row_h + 4
-        x = label_w + (s.start_ns - start) / total * bar_w
-        w = max(1.0, (s.end_ns - s.start_ns) / total * bar_w)
-        name = html.escape(_label(s))
-        tip = html.escape(f"{_label(s)}: {s.duration_s * 1e3:.2f} ms, span {s.span_id}")
-        cls = "err" if s.status == "ERROR" else "bar"
-        parts.append(
-            f'<g class="span" data-span-id="{s.span_id}"><title>{tip}</title>'
-            f'<text x="{4 + 14 * depth}" y="{y + 14}">{name}</text>'
-            f'<rect class="{cls}" x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 6}" rx="2"/>'
-            f'<text x="{label_w + bar_w + 8}" y="{y + 14}">{s.duration_s * 1e3:.1f} ms '
-            f"{(s.end_ns - s.start_ns) / total:.0%}</text></g>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _polyline(values: Sequence[float], cls: str, w: int, h: int) -> str:
-    if not values:
-        return ""
-    top = max(values) or 1.0
-    dx = w / max(1, len(values) - 1)
-    points = " ".join(f"{30 + i * dx:.1f},{10 + h - v / top * h:.1f}" for i, v in enumerate(values))
-    return f'<polyline class="{cls}" points="{points}"/>'
-
-
-def _curve_svg(c: CanvasView) -> str:
-    w, h = 260, 110
-    limit = f"/{c.max_steps}" if c.max_steps else ""
-    caption = f"canvas #{c.index}: {c.steps}{limit} steps, {c.ms_per_step:.2f} ms/step, {c.tokens} tokens"
-    return (
-        f'<figure data-canvas="{c.index}"><figcaption>{html.escape(caption)}</figcaption>'
-        f'<svg width="{w + 40}" height="{h + 40}" role="img">'
-        f'<line x1="30" y1="{h + 10}" x2="{w + 30}" y2="{h + 10}" stroke="#999"/>'
-        f'<line x1="30" y1="10" x2="30" y2="{h + 10}" stroke="#999"/>'
-        f"{_polyline(c.accepted, 'acc', w, h)}{_polyline(c.mean_entropy, 'ent', w, h)}"
-        f'<text x="30" y="{h + 28}">steps 0..{max(0, c.steps - 1)}: accepted (solid), entropy (dashed)</text>'
-        "</svg></figure>"
-    )
-
-
-def render_html(spans: Sequence[SpanRecord]) -> str:
-    """One self-contained page: the waterfall and each canvas's convergence curve, inline SVG only."""
-    if not spans:
-        return "<!doctype html><title>no spans</title><p>no spans</p>"
-    start, end = _bounds(spans)
-    stage = largest_stage(spans)
-    title = f"trace {spans[0].trace_id}" + (f", job {_job_id(spans)}" if _job_id(spans) else "")
-    summary = f"{(end - start) / 1e6:.1f} ms, {len(spans)} spans"
-    if stage is not None:
-        summary += f"; largest stage: {stage.name}, {stage.seconds * 1e3:.1f} ms ({stage.share:.0%})"
-    curves = "".join(_curve_svg(c) for c in canvases(spans))
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
-        f"<h2>Waterfall</h2>{_waterfall_svg(spans)}"
-        + (f'<h2>Canvas convergence</h2><div class="curves">{curves}</div>' if curves else "")
-        + "</body></html>\n"
-    )

@@ -44,9 +44,11 @@ from blockpress.agents import tool
 
 @tool
 def journal(note: str) -> str:
-    """Appends a note to the test's journal file."""
+    """Appends a note to the test's journal file, under the pid of the replica that ran it."""
+    # The tool runs in a warm worker process that the replica started (blockpress.agents.toolworker),
+    # so the replica is its parent.
     with open(os.environ["BP_TEST_JOURNAL"], "a") as f:
-        f.write(f"{os.getpid()} {note}\\n")
+        f.write(f"{os.getppid()} {note}\\n")
     return "noted " + note
 
 

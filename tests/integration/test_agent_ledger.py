@@ -15,6 +15,7 @@ from blockpress.agents.errors import Superseded
 from blockpress.agents.model import Message
 from blockpress.agents.testing import ScriptedModel, call
 from blockpress.runtime.contracts.jobs import JobSpec, JobState
+from blockpress.runtime.contracts.keys import Keys
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.workers.ledger import RedisLedger
 
@@ -67,5 +68,5 @@ async def test_a_redelivered_agent_job_resumes_and_runs_its_tool_once(queue: Job
         ledger_a.put(1, {"turn": 1})
     assert await queue.finish(second, JobState.SUCCEEDED, result={"text": result.text})
     assert (await queue.get(spec.job_id)).state is JobState.SUCCEEDED
-    assert sync.ttl(f"bp:job:{spec.job_id}:ledger") > 0
+    assert sync.ttl(Keys().ledger(spec.job_id)) > 0
     sync.close()

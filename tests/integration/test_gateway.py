@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.contracts.keys import Keys
 from blockpress.runtime.gateway.cards import ModelCard, load_model_card
 from blockpress.runtime.gateway.server import Gateway
 from blockpress.runtime.queue.jobqueue import JobQueue
@@ -65,7 +66,7 @@ class GatewayThread:
         self.call(self.queue.beat(self.card.name, "test-replica"))
 
     def job_keys(self) -> list[bytes]:
-        return list(self.call(self.redis.keys("bp:job:*")))
+        return [*self.call(self.redis.keys("{bp}:job:*")), *self.call(self.redis.keys("{bp}:events:*"))]
 
     def close(self) -> None:
         self.channel.close()
@@ -272,7 +273,7 @@ def test_api_keys(redis_server: Any, card: ModelCard, caplog: pytest.LogCaptureF
         )
         good = (("authorization", "Bearer s3cret-key"),)
         assert submit(prompt_request(job_id="auth-1"), metadata=good).created
-        assert sorted(gw.job_keys()) == [b"bp:job:auth-1", b"bp:job:auth-1:events"]  # refused calls queued nothing
+        assert sorted(gw.job_keys()) == [b"{bp}:events:auth-1", b"{bp}:job:auth-1"]  # refused calls queued nothing
         health = health_pb2_grpc.HealthStub(gw.channel)
         health.Check(health_pb2.HealthCheckRequest())  # probes carry no key
     finally:
@@ -361,7 +362,7 @@ def test_fuzzed_requests_get_a_client_code_and_refusals_queue_nothing(
         assert ":" in exc.details()  # type: ignore[attr-defined]  # "field: reason"
         assert fuzz_gw.call(fuzz_gw.queue.depth(fuzz_gw.card.name)) == before
         if job_id and code is grpc.StatusCode.INVALID_ARGUMENT and "job_id" not in exc.details():  # type: ignore[attr-defined]
-            assert fuzz_gw.call(fuzz_gw.redis.exists(f"bp:job:{job_id}")) == 0
+            assert fuzz_gw.call(fuzz_gw.redis.exists(Keys().job(job_id))) == 0
         return
     # Accepted: it must have been a request the engine can run.
     record = fuzz_gw.call(fuzz_gw.queue.get(reply.job_id))
@@ -388,4 +389,4 @@ def test_fuzzed_single_bad_field_is_named(fuzz_gw: GatewayThread) -> None:
             fuzz_gw.stub.Submit(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert info.value.details().startswith(f"{field}:")  # type: ignore[attr-defined]
-        assert fuzz_gw.call(fuzz_gw.redis.exists(f"bp:job:{request.job_id}")) == 0
+        assert fuzz_gw.call(fuzz_gw.redis.exists(Keys().job(request.job_id))) == 0

@@ -113,3 +113,48 @@ def test_stats_summarise_recent_jobs_and_compare_labelled_runs(store):
     assert status == 0
     row = next(line for line in table.splitlines() if line.startswith("steps_per_canvas"))
     assert row.split()[1:5] == ["8.0", "8.0", "2.0", "2.0"] and row.endswith("-75%")
+
+
+def test_diff_compares_two_jobs_two_filters_or_a_labelled_run(store):
+    traces, provider = store
+    for i in range(3):
+        run_job(provider, f"slow-{i}", steps=8)
+    status, _ = cli(traces, "stats", "--model", "tiny", "--label", "slow")
+    assert status == 0
+    for i in range(3):
+        run_job(provider, f"quick-{i}", steps=2, model="other")
+    for a, b in (("slow-0", "quick-0"), ("model=tiny,last=3", "model=other,since=1h"), ("@slow", "model=other")):
+        status, text = cli(traces, "diff", a, b)
+        assert status == 0, (a, b)
+        lines = text.splitlines()
+        assert lines[0].startswith(f"A: {a} (") and lines[1].startswith(f"B: {b} (")
+        assert any(line.startswith(SpanName.ENGINE_CANVAS) for line in lines)
+        assert any(line.startswith("steps per canvas") and line.split()[-2:] == ["8.0", "2.0"] for line in lines)
+        assert any(line.startswith("hint (A):") and ("3 of 3" in line or "1 of 1" in line) for line in lines)
+        assert not any(line.startswith("hint (B):") and "step limit" in line for line in lines)
+    status, text = cli(traces, "diff", "slow-0", "quick-0", "--json")
+    assert status == 0 and json.loads(text)["a"]["at_step_limit"] == 1
+
+
+def test_diff_explains_what_it_cannot_compare(store, capsys):
+    traces, provider = store
+    run_job(provider, "only", steps=2)
+    assert cli(traces, "diff", "only")[0] == 2
+    assert cli(traces, "diff", "only", "model=nobody")[0] == 1
+    assert "no traces for 'model=nobody'" in capsys.readouterr().err
+    assert cli(traces, "diff", "only", "colour=blue")[0] == 1
+    assert "key one of model, since, until, last" in capsys.readouterr().err
+
+
+def test_chrome_format_writes_trace_event_json(store, tmp_path):
+    traces, provider = store
+    run_job(provider, "job-chrome", steps=3)
+    status, text = cli(traces, "job-chrome", "--format", "chrome")
+    assert status == 0
+    doc = json.loads(text)
+    names = [e["name"] for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert {"gateway.Generate", "queue.wait", "replica.run", "engine.prefill", "engine.canvas #0"} <= set(names)
+    assert sum(name.startswith("step ") for name in names) == 3
+    out = tmp_path / "job.json"
+    assert cli(traces, "job-chrome", "--format", "chrome", "-o", str(out))[0] == 0
+    assert json.loads(out.read_text()) == doc

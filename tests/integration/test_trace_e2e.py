@@ -140,7 +140,9 @@ async def test_a_job_leaves_one_trace_with_the_expected_shape(redis_server: Any,
     setup_tracing("blockpress-test", redis_url=redis_server.url, processors=(export,))
     try:
         async with service(redis_server.url, tiny_checkpoint) as port, AsyncClient(f"127.0.0.1:{port}") as client:
+            submitted_ns = time.time_ns()
             result = await client.generate("The trace of one job", **SETTINGS)
+            done_ns = time.time_ns()
             with redis.Redis.from_url(redis_server.url) as reader:
                 names = {SpanName.REPLICA_RUN, "gateway.Generate"}
                 spans = await asyncio.to_thread(wait_for_trace, TraceStore(reader), result.job_id, names=names)
@@ -164,7 +166,8 @@ async def test_a_job_leaves_one_trace_with_the_expected_shape(redis_server: Any,
         (1, SpanName.QUEUE_WAIT),
         (1, SpanName.REPLICA_RUN),
         (2, SpanName.ENGINE_PREFILL),
-        *[(2, SpanName.ENGINE_CANVAS)] * canvases,
+        (2, SpanName.ENGINE_CANVAS),
+        *[(2, name) for _ in range(canvases - 1) for name in (SpanName.ENGINE_COMMIT, SpanName.ENGINE_CANVAS)],
     ]
     assert len({s.trace_id for s in spans}) == 1
     by_name: dict[str, list[SpanRecord]] = defaultdict(list)
@@ -192,6 +195,10 @@ async def test_a_job_leaves_one_trace_with_the_expected_shape(redis_server: Any,
         assert all(c.start_ns <= e.time_ns <= c.end_ns for e in steps)
     # Times nest as the spans do: the wait precedes the run, the engine runs inside the run.
     assert root.start_ns <= wait.start_ns <= wait.end_ns <= run.start_ns <= prefill.start_ns
+    # Against the test's own clock: the wait began after the call was made and ended before the job's
+    # result came back; the prefill is the engine's figure, not the time up to the first canvas.
+    assert submitted_ns <= root.start_ns and wait.end_ns <= done_ns
+    assert prefill.end_ns <= engine_spans[0].start_ns
     assert all(a.end_ns <= b.start_ns for a, b in itertools.pairwise(engine_spans))
     # The call ends when the client has its final event, the last canvas came before that; the run
     # itself may end a moment after the call, as it closes its span once its final write returned.

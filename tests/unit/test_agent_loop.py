@@ -192,7 +192,7 @@ class _ReplicaDied(Exception):
 def test_a_redelivered_task_resumes_after_its_last_turn_without_rerunning_tools() -> None:
     runs: list[int] = []
 
-    @tool
+    @tool(isolated=False)  # its side effect must land in this process, where the test reads it
     def charge(cents: int) -> str:
         """Charges a card: must never run twice."""
         runs.append(cents)

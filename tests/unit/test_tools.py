@@ -227,7 +227,7 @@ def local_server() -> Iterator[int]:
 
 
 def test_http_get_fetches_from_an_allowed_host_and_does_not_follow_redirects(local_server: int) -> None:
-    fetch = http_get_tool(["127.0.0.1"], timeout=5).fn
+    fetch = http_get_tool([f"127.0.0.1:{local_server}"], timeout=5).fn
     assert fetch(url=f"http://127.0.0.1:{local_server}/page") == {
         "status": 200,
         "text": "hello from /page",

@@ -9,10 +9,11 @@ from html.parser import HTMLParser
 import pytest
 
 from blockpress.runtime.cli.trace import parse_since
+from blockpress.runtime.tracing.page import render_html
 from blockpress.runtime.tracing.stats import Summary, render_comparison, render_summary, summarize
 from blockpress.runtime.tracing.store import SpanEventRecord, SpanRecord
 from blockpress.runtime.tracing.telemetry import Attr, SpanName
-from blockpress.runtime.tracing.view import canvases, largest_stage, render_html, render_text, to_json
+from blockpress.runtime.tracing.view import canvases, largest_stage, render_text, to_json
 
 MS = 1_000_000
 
@@ -127,7 +128,7 @@ class _Collect(HTMLParser):
             self.span_ids.append(a["data-span-id"] or "")
         if "data-canvas" in a:
             self.canvases.append(a["data-canvas"] or "")
-        if tag in ("script", "link", "img", "iframe") or any(k in ("src", "href") for k in a):
+        if tag in ("link", "img", "iframe") or any(k in ("src", "href") for k in a):
             self.external.append(tag)
 
 

@@ -29,4 +29,29 @@ local function finalize(job_id, entry, state, kind, data, ack)
   return id
 end
 
+-- Redis runs a script's writes one by one and keeps those done before an error, so a script that
+-- hits a key of the wrong type halfway leaves a half-written job. Every script therefore checks the
+-- type of each key it may write before its first write; `wrong_types` names the first misfit.
+local EXPECTED = {{JOB, 'hash'}, {EVENTS, 'stream'}, {QUEUE, 'stream'}, {QUEUED, 'zset'}, {DEAD, 'stream'},
+  {DEADLINES, 'zset'}}
+local function wrong_types(first, last)
+  for i = first or 1, last or #EXPECTED do
+    local key, want = EXPECTED[i][1], EXPECTED[i][2]
+    local have = redis.call('TYPE', key)['ok']
+    if have ~= 'none' and have ~= want then
+      return 'key ' .. key .. ' holds a ' .. have .. ', not a ' .. want
+    end
+  end
+  return nil
+end
+
+-- For scripts that must not write at all when a key is foreign: an error reply before any write.
+local function guard()
+  local misfit = wrong_types()
+  if misfit then
+    return redis.error_reply('BPKEYTYPE ' .. misfit .. '; nothing was written')
+  end
+  return nil
+end
+
 local FINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, EXPIRED = true, DEAD_LETTERED = true}

@@ -1,6 +1,8 @@
 -- Writes a running attempt's final state once. ARGV[4..]: job_id, attempt, state, event_type,
 -- event_data, result_json ('' for none), error_json ('' for none), ack ('1' to retire the entry now)
 -- Returns the final event id, or false when the attempt is stale or the job already final.
+local refused = guard()
+if refused then return refused end
 local h = redis.call('HMGET', JOB, 'state', 'attempt', 'entry')
 if h[1] ~= 'RUNNING' or h[2] ~= ARGV[5] then
   return false

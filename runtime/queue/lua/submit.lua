@@ -1,5 +1,7 @@
 -- ARGV[4..]: job_id, spec_json, model, submitted_at, deadline ('' for none), max_queue, queued_data
 -- Returns {1, 'QUEUED'} when created, {0, state} when the id already exists, {-1, depth} when full.
+local refused = guard()
+if refused then return refused end
 local job_id = ARGV[4]
 local existing = redis.call('HGET', JOB, 'state')
 if existing then
