@@ -44,7 +44,7 @@ test: install redis-server browser
 # +cpu torch wheel must be reachable: TORCH_FIND_LINKS is a folder or page that holds it.
 TORCH_FIND_LINKS ?= /opt/wheels
 lock: install
-	$(BIN)/uv pip compile pyproject.toml constraints/build.in --extra worker --extra dev \
+	$(BIN)/uv pip compile pyproject.toml constraints/build.in --all-extras \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--find-links $(TORCH_FIND_LINKS) -c constraints/cpu.txt -o $(LOCK)
 
@@ -55,7 +55,7 @@ test-latest: redis-server browser
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints/cpu.txt -e ".[worker,dev]"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints/cpu.txt -e ".[worker,dev,openai-agents,langchain]"
 	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
 	@echo "newest releases installed: $(LATEST)/versions.txt"
 	$(LATEST)/bin/ruff check .

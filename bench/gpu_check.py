@@ -108,7 +108,9 @@ def measure(name: str, engine: Any, prompt: list[int], settings: DenoiseSettings
         runs = [engine_run(engine, prompt, settings) for _ in range(repeats)]
         total = statistics.median(r[0] for r in runs)
         tokens, ttfc, decode = runs[0][1], statistics.median(r[2] for r in runs), statistics.median(r[3] for r in runs)
+    graph = getattr(getattr(engine, "_denoiser", None), "_decoder_pass", None)
     return {
+        "cuda_graph_in_use": bool(graph is not None and graph.enabled) and device == "cuda",
         "decode_tok_s": round(tokens / decode, 1),
         "e2e_tok_s": round(tokens / total, 1),
         "ttfc_ms": round(1000 * ttfc, 1),

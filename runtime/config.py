@@ -86,6 +86,9 @@ class RuntimeSettings(BaseSettings):
     """Accepted API keys (comma-separated); empty: no authentication. Never logged."""
     max_queue: int = Field(default=1024, ge=1)
     """Jobs that may wait per model; past it, submits get RESOURCE_EXHAUSTED with a retry hint."""
+    max_streams_per_client: int = Field(default=256, ge=1)
+    """Open `Generate`/`Watch` streams one client (API key, else peer address) may hold; past it a new
+    stream gets RESOURCE_EXHAUSTED, so one client cannot take every stream the gateway holds."""
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest request message gRPC reads (its own RESOURCE_EXHAUSTED past it); above what the
     character limits allow, so that an oversized prompt gets INVALID_ARGUMENT naming the field."""

@@ -37,6 +37,7 @@ __all__ = [
     "event_to_pb",
     "generation_request",
     "job_from_pb",
+    "json_depth",
     "message_to_dict",
     "model_info_from_pb",
     "model_info_to_pb",
@@ -126,11 +127,37 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+MAX_JSON_DEPTH = 64
+"""How deep arrays and objects may nest in JSON a client sends (tool schemas, tool-call arguments):
+far past any real schema, and far below the recursion limits of the parsers, templates and
+serializers the value passes through later."""
+
+
+def json_depth(value: Any, *, stop: int = MAX_JSON_DEPTH + 1) -> int:
+    """How deep `value` nests (a scalar is 0, `{}` is 1), counted without recursion; stops at `stop`."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list | tuple):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth >= stop:
+                break
+            todo.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _json_object(text: str, path: str) -> dict[str, Any]:
+    too_deep = f"nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
     try:
         parsed = json.loads(text) if text else {}
     except json.JSONDecodeError as exc:
         raise InvalidArgument(path, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:  # the C parser's own guard, at about 1,000 levels
+        raise InvalidArgument(path, too_deep) from None
+    if json_depth(parsed) > MAX_JSON_DEPTH:
+        raise InvalidArgument(path, too_deep)
     if not isinstance(parsed, dict):
         raise InvalidArgument(path, f"must be a JSON object, got {type(parsed).__name__}")
     return parsed

@@ -7,7 +7,8 @@ runs the tool and sends the result in its next request, so any later canvas woul
 `completed` payload then has `stop_reason` "tool_call" and `tool_calls: [{name, arguments}]` (always
 present, maybe empty, when tools were sent). A `session_id` keeps the generation's session in the
 runner's `SessionCache`, so the conversation's next job prefills only its new tokens
-(`usage.prefilled_tokens` says how many the encoder ran).
+(`usage.prefilled_tokens` says how many the encoder ran). Messages with images are rendered by
+`images.render`, and their pixel values reach the encoder through the session (`workers/images.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from blockpress.runtime.contracts.events import Timings as PayloadTimings
 from blockpress.runtime.contracts.jobs import JobSpec
 from blockpress.runtime.contracts.settings import DenoiseSettings
 from blockpress.runtime.queue.jobqueue import Claim
+from blockpress.workers import images
 from blockpress.workers.protocol import Engine
 from blockpress.workers.sessions import SessionCache
 from blockpress.workers.types import CanvasEvent, CanvasStats, DraftEvent, GenerationResult, Timings, result_of
@@ -50,11 +52,18 @@ def run_generation(
         EngineBroken: the engine cannot go on.
     """
     settings = DenoiseSettings.from_mapping(spec.settings)
-    if spec.messages:
+    vision = None
+    if images.has_images(spec.messages):
+        prompt_ids, vision = images.render(engine, list(spec.messages or ()), spec.tools or None)
+    elif spec.messages:
         prompt_ids = list(engine.apply_chat_template(list(spec.messages), tools=spec.tools or None))
     else:
         prompt_ids = list(engine.encode(spec.prompt or ""))
     session = sessions.get(spec.session_id, engine.new_session) if spec.session_id else None
+    if vision is not None and session is None:
+        session = engine.new_session()  # the images ride on the session into the prefill
+    if session is not None and hasattr(session, "attach_images"):
+        session.attach_images(vision)  # always: a session's previous prompt may have had images
     cached = list(session.token_ids) if session is not None else []
     reused = len(cached) if cached and prompt_ids[: len(cached)] == cached else 0
     watch = _CallWatch(started=time.perf_counter()) if spec.tools else None

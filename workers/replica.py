@@ -101,7 +101,7 @@ class Replica:
         self.engine_info = {
             "node_kind": node_kind,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "quantization": options.get("quantization"),
+            "precision": engine.precision,  # the quantization, else the dtype: what the kind asked for
             "model": engine.model_name,
             "context_length": engine.context_length,
             "canvas_length": engine.canvas_length,

@@ -190,13 +190,9 @@ class JobRunner:
             daemon=True,
         )
         thread.start()
-        last_draft = 0.0
         outcome: Any = None
         while (item := await events.get()) is not _DONE:
             if isinstance(item, DraftEvent):
-                if not claim.spec.drafts or time.monotonic() - last_draft < self.draft_interval_s:
-                    continue
-                last_draft = time.monotonic()
                 text = self.engine.decode(item.token_ids)
                 kind, data = to_data(Draft(canvas_index=item.canvas_index, step=item.step, text=text))
             elif isinstance(item, CanvasEvent):
@@ -214,7 +210,7 @@ class JobRunner:
             if await _retry(functools.partial(self.queue.append_event, claim, kind, data)) is None:
                 lost.set()  # our attempt was superseded: stop the engine and write nothing more
                 cancel.set()
-        await asyncio.to_thread(thread.join)
+        # No join: _DONE is the thread's last act, and a join would cost an executor hop per job.
         return self._outcome(claim, outcome, lost)
 
     def _outcome(self, claim: Claim, outcome: Any, lost: asyncio.Event) -> Ending:
@@ -239,6 +235,7 @@ class JobRunner:
     def _work(self, claim: Claim, cancel: threading.Event, post: Callable[[Any], None]) -> None:
         """The worker thread: runs the job and posts its events, then the outcome, then _DONE."""
         spec = claim.spec
+        post_event = self._draft_filter(claim, post)
         try:
             if self.faults is not None:
                 self.faults.job_started(claim)
@@ -246,11 +243,27 @@ class JobRunner:
                 options = self.agent_options(claim) if self.agent_options else {}
                 post(run_agent_job(self.engine, spec, emit=post, cancel=cancel, **options))
             else:
-                post(run_generation(self.engine, spec, self.sessions, cancel, post))
+                post(run_generation(self.engine, spec, self.sessions, cancel, post_event))
         except BaseException as exc:
             post(exc)
         finally:
             post(_DONE)
+
+    def _draft_filter(self, claim: Claim, post: Callable[[Any], None]) -> Callable[[Any], None]:
+        """`post` without the drafts the job will not send, decided on the engine's thread: every step
+        makes a draft, and waking the event loop for one that is dropped costs the step time."""
+        last = -self.draft_interval_s
+        wanted = claim.spec.drafts
+
+        def post_event(item: Any) -> None:
+            nonlocal last
+            if isinstance(item, DraftEvent):
+                if not wanted or time.monotonic() - last < self.draft_interval_s:
+                    return
+                last = time.monotonic()
+            post(item)
+
+        return post_event
 
     async def _watch(
         self, claim: Claim, cancel: threading.Event, lost: asyncio.Event, done: asyncio.Event, expired: asyncio.Event
@@ -278,9 +291,10 @@ class JobRunner:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + _SWEEP_S
                     await self.queue.expire_due(self.model)
+                    # Health: alive while busy, as often as idle, so a gateway's short liveness window holds.
+                    await self.queue.beat(self.model, self.replica_id)
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + every
-                    await self.queue.beat(self.model, self.replica_id)  # health: alive while busy
                     if not await self.queue.heartbeat(claim):
                         lost.set()
                         cancel.set()

@@ -51,6 +51,11 @@ class TracedEngine:
     def tokenizer(self) -> Any:
         return self._engine.tokenizer
 
+    @property
+    def model(self) -> Any:
+        """The wrapped engine's model, if it has one: image prompts read its config (`workers/images.py`)."""
+        return getattr(self._engine, "model", None)
+
     def encode(self, text: str) -> list[int]:
         return self._engine.encode(text)
 

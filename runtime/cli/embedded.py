@@ -250,6 +250,7 @@ async def cluster_pools(
                 from prometheus_client import start_http_server
 
                 server, _ = start_http_server(settings.pool_metrics_port, registry=scaler.metrics.registry)
+                stack.callback(server.server_close)
                 stack.callback(server.shutdown)
             stop = asyncio.Event()
             task = asyncio.create_task(scaler.run(stop))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -26,14 +28,16 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from blockpress.runtime._pb import runtime_pb2 as pb
-from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import ServiceUnavailable, TraceNotFound
 from blockpress.runtime.contracts.jobs import Event, JobSpec
 from blockpress.runtime.convert import request_to_dict
 from blockpress.runtime.gateway.cards import ModelCard
+from blockpress.runtime.gateway.fanout import EventFanout
+from blockpress.runtime.gateway.handlers import add_runtime_to_server
 from blockpress.runtime.gateway.interceptors import AuthInterceptor, TracingInterceptor
 from blockpress.runtime.gateway.servicer import RuntimeServicer
+from blockpress.runtime.gateway.streamcap import StreamCap
 from blockpress.runtime.gateway.validation import validate_submit
 from blockpress.runtime.queue.jobqueue import JobQueue
 from blockpress.runtime.sdk.records import ModelInfo
@@ -47,8 +51,19 @@ __all__ = ["Gateway"]
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
-_WATCH_BLOCK_MS = 2000
 _METRICS_INTERVAL_S = 5.0
+
+
+def _with_seed(spec: JobSpec) -> JobSpec:
+    """`spec` with a seed derived from its job id when the client gave none.
+
+    A job is delivered again when its replica dies; with the same seed the re-run writes the same
+    canvases, so the SDK can drop the ones the client already has (`sdk/replay.py`).
+    """
+    if spec.settings.get("seed") is not None:
+        return spec
+    seed = int.from_bytes(hashlib.sha256(spec.job_id.encode()).digest()[:7], "little")
+    return dataclasses.replace(spec, settings={**spec.settings, "seed": seed})
 
 
 class Gateway:
@@ -85,6 +100,9 @@ class Gateway:
         self.draining = False
         self.port = 0
         self._live: dict[str, int] = {}
+        self.fanout = EventFanout(queue)
+        """Every open stream's events, read over one Redis connection (`fanout.py`)."""
+        self.stream_cap = StreamCap(settings.max_streams_per_client)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -125,19 +143,12 @@ class Gateway:
         )
         if not self._live.get(spec.model) and not await self._refresh_live(spec.model):
             raise ServiceUnavailable(f"no replica of model {spec.model!r} is live; retry shortly")
-        return spec
+        return _with_seed(spec)
 
     async def follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
-        """The job's events after `after` until its final one."""
-        while True:
-            events = await self.queue.read_events(job_id, after, block_ms=_WATCH_BLOCK_MS)
-            for event in events:
-                yield event
-                after = event.id
-                if event.is_final:
-                    return
-            if not events:
-                await self.queue.get(job_id)  # a job dropped by retention ends the watch with NOT_FOUND
+        """The job's events after `after` until its final one (re-sent when `after` is at or past it)."""
+        async for event in self.fanout.follow(job_id, after):
+            yield event
 
     async def trace(self, job_id: str) -> list[SpanRecord]:
         """The kept spans of a job's (or a trace id's) trace; raises `TraceNotFound` when none is kept."""
@@ -185,7 +196,7 @@ class Gateway:
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_RuntimeServicer_to_server(RuntimeServicer(self), server)
+        add_runtime_to_server(RuntimeServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.settings.reflection:
             names = (
@@ -196,6 +207,7 @@ class Gateway:
             reflection.enable_server_reflection(names, server)
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await self._check_health()
+        await self.fanout.start()
         await server.start()
         self._server = server
         self._monitor = asyncio.create_task(self._watch_health(), name="gateway-health")
@@ -224,6 +236,7 @@ class Gateway:
         grace = self.settings.drain_s if grace is None else grace
         # Both fronts drain at once, within the one grace period.
         await asyncio.gather(*(front.stop(grace) for front in (self._http, self._server) if front is not None))
+        await self.fanout.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -271,7 +284,9 @@ class Gateway:
         cls, settings: RuntimeSettings, cards: Mapping[str, ModelCard], *, agent_tools: Collection[str] | None = None
     ) -> Gateway:
         """A gateway with its own Redis client and queue, as the CLI runs it."""
-        client = aioredis.Redis.from_url(settings.redis_url_or_default())
+        # Blocking: a burst of calls past the pool's connections waits for one instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url_or_default(), timeout=10)
+        client = aioredis.Redis.from_pool(pool)
         queue = JobQueue(
             client,
             max_queue_per_model=settings.max_queue,

@@ -19,6 +19,8 @@ from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.contracts.errors import InvalidArgument, ServiceUnavailable, to_status
 from blockpress.runtime.gateway.interceptors import record_status
+from blockpress.runtime.gateway.streamcap import client_of
+from blockpress.runtime.gateway.validation import validate_event_id
 
 if TYPE_CHECKING:
     from blockpress.runtime.gateway.server import Gateway
@@ -48,19 +50,24 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.JobEvent]:
         try:
-            spec = await self.gw.admit(request, context)
-            record, created = await self.gw.queue.submit(spec)
-            log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
-            async for event in self.gw.follow(record.job_id, "0"):
-                yield convert.event_to_pb(record.job_id, event)
+            with self.gw.stream_cap.hold(client_of(context)):
+                spec = await self.gw.admit(request, context)
+                record, created = await self.gw.queue.submit(spec)
+                log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
+                async for event in self.gw.follow(record.job_id, "0"):
+                    yield convert.event_to_pb(record.job_id, event)
         except BaseException as exc:
             await _abort(context, exc)
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
         try:
-            await self.gw.queue.get(request.job_id)  # NOT_FOUND before the stream starts
-            async for event in self.gw.follow(request.job_id, request.after_event_id or "0"):
-                yield convert.event_to_pb(request.job_id, event)
+            after = validate_event_id(request.after_event_id)
+            if not request.job_id:
+                raise InvalidArgument("job_id", "is empty; send the id of the job to watch")
+            with self.gw.stream_cap.hold(client_of(context)):
+                # An unknown job has no events: `follow` then ends with NOT_FOUND before yielding any.
+                async for event in self.gw.follow(request.job_id, after):
+                    yield convert.event_to_pb(request.job_id, event)
         except BaseException as exc:
             await _abort(context, exc)
 

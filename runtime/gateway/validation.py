@@ -22,11 +22,31 @@ from blockpress.runtime.config import RuntimeSettings
 from blockpress.runtime.contracts.errors import InvalidArgument, InvalidSettings, ModelNotFound
 from blockpress.runtime.contracts.jobs import JobSpec, new_job_id
 from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.runtime.convert import MAX_JSON_DEPTH, json_depth
 from blockpress.runtime.gateway.cards import ModelCard
 
-__all__ = ["AgentIn", "GenerationIn", "SubmitIn", "validate_submit"]
+__all__ = ["AgentIn", "GenerationIn", "SubmitIn", "validate_event_id", "validate_submit"]
 
 _ID = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
+_EVENT_ID = re.compile(r"\A([0-9]{1,20})(?:-([0-9]{1,20}))?\Z")
+
+
+def validate_event_id(value: str, field: str = "after_event_id") -> str:
+    """A Redis stream id a client resumes after (`<ms>-<seq>`, `<ms>`, or empty: from the start).
+
+    Redis refuses anything else with an error that would read as an outage; this names the field.
+    """
+    match = _EVENT_ID.match(value or "0")
+    if match is None or any(int(part) >= 2**64 for part in match.groups("0")):
+        raise InvalidArgument(field, f"{value!r} is not an event id; send the id of an event (like 1700000000000-0)")
+    return value or "0"
+
+
+def _shallow(value: Any) -> Any:
+    # Before pydantic walks the value: its walk, the chat template and the Redis serializer all recurse.
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 class _Strict(BaseModel):
@@ -36,6 +56,8 @@ class _Strict(BaseModel):
 class ToolCallIn(_Strict):
     name: str = Field(min_length=1, max_length=128)
     arguments: dict[str, Any]
+
+    _arguments_depth = field_validator("arguments", mode="before")(_shallow)
 
 
 class ChatMessageIn(_Strict):
@@ -66,6 +88,8 @@ class ToolIn(_Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
     description: str = Field("", max_length=8192)
     parameters: dict[str, Any]
+
+    _parameters_depth = field_validator("parameters", mode="before")(_shallow)
 
     def to_template(self) -> dict[str, Any]:
         """OpenAI-style definition, as the chat template takes it."""

@@ -7,10 +7,11 @@
     POST /v1/blockpress/agent     a server-side agent task (`agent.py`)
 
 Every `/v1` route needs one of the gateway's API keys when keys are set, as `Authorization: Bearer
-<key>` (or Anthropic's `x-api-key`). Each request gets one SERVER span, `gateway.<Operation>`, parented
-on the caller's `traceparent`, current while the job is admitted, so the job's spans join its trace.
-An `Idempotency-Key` header is the job id. A streamed answer is an async generator of server-sent
-events; a client that disconnects (streamed or not) cancels its job.
+<key>` (or Anthropic's `x-api-key`). A body over `max_request_bytes` is refused with 413 unparsed.
+Each request gets one SERVER span, `gateway.<Operation>`, parented on the caller's `traceparent`,
+current while the job is admitted, so the job's spans join its trace. An `Idempotency-Key` header is
+the job id. A streamed answer is an async generator of server-sent events; a client that disconnects
+(streamed or not) cancels its job.
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ from fastapi.exceptions import RequestValidationError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blockpress.runtime.contracts.errors import InvalidArgument, Unauthenticated
+from blockpress.runtime.contracts.errors import BlockPressError, InvalidArgument, Unauthenticated
 from blockpress.runtime.contracts.jobs import new_job_id
 from blockpress.runtime.http import agent, anthropic, chat
 from blockpress.runtime.http import protocol as p
 from blockpress.runtime.http.errors import Flavor, error_body, error_response, is_ours
 from blockpress.runtime.http.jobs import follow, submit
+from blockpress.runtime.http.limits import BodyLimit
 from blockpress.runtime.tracing.names import Attr, SpanName
 from blockpress.runtime.tracing.telemetry import extract_context, get_tracer
 
@@ -60,6 +63,7 @@ _OPERATIONS = {
     "/v1/blockpress/agent": "Agent",
     "/v1/models": "Models",
 }
+_SPAN_KEY = "blockpress.span"
 SSE = Callable[[], AsyncIterator[tuple[str | None, Mapping[str, Any] | BaseModel]]]
 
 
@@ -107,7 +111,7 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         authorize(request)
         raw = chat.submit_body(body, job_id=job_id(request), session_header=request.headers.get("x-session-id"))
-        spec = await _admitted(gateway, raw, chat.openai_param)
+        spec = await _admitted(request, gateway, raw, chat.openai_param)
         turn = chat.ChatTurn(body, spec, markers(spec.model))
         if body.stream:
             return _stream(lambda: ((None, c) async for c in turn.chunks(follow(gateway, spec.job_id))), done=True)
@@ -117,16 +121,16 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
     async def messages(body: p.AnthropicRequest, request: Request) -> Response:
         authorize(request)
         raw = anthropic.submit_body(body, job_id=job_id(request), session_header=request.headers.get("x-session-id"))
-        spec = await _admitted(gateway, raw, anthropic.anthropic_param)
+        spec = await _admitted(request, gateway, raw, anthropic.anthropic_param)
         turn = anthropic.MessageTurn(body, spec, markers(spec.model))
         if body.stream:
             return _stream(lambda: turn.events(follow(gateway, spec.job_id)), flavor="anthropic")
-        return _json(await _until_disconnect(request, turn.message(follow(gateway, spec.job_id))))
+        return JSONResponse(await _until_disconnect(request, turn.message(follow(gateway, spec.job_id))))
 
     @app.post("/v1/blockpress/agent")
     async def agent_task(body: p.AgentRequest, request: Request) -> Response:
         authorize(request)
-        spec = await _admitted(gateway, agent.submit_body(body, job_id=job_id(request)), agent.agent_param)
+        spec = await _admitted(request, gateway, agent.submit_body(body, job_id=job_id(request)), agent.agent_param)
         if body.stream:
             return _stream(lambda: agent.events(follow(gateway, spec.job_id)), done=True)
         return JSONResponse(await _until_disconnect(request, agent.result(spec, follow(gateway, spec.job_id))))
@@ -157,13 +161,21 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
     async def client_gone(request: Request, exc: _ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it: the client has gone
 
+    async def our_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc, flavor_of(request))
+
+    # Registered by type, not only under `Exception`: Starlette re-raises what its catch-all handler
+    # answered (for the server to log it), and a refused request is no server error.
+    for kind in (BlockPressError, RedisError, ConnectionError):
+        app.add_exception_handler(kind, our_error)
+
     @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception) -> Response:
         if not is_ours(exc):
             log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(exc, flavor_of(request))
 
-    return _Tracing(app, tracer)
+    return _Tracing(BodyLimit(app, gateway.settings.max_request_bytes), tracer)
 
 
 def _card(gateway: Gateway, name: str) -> p.ModelCardOut:
@@ -176,13 +188,19 @@ def _card(gateway: Gateway, name: str) -> p.ModelCardOut:
     )
 
 
-async def _admitted(gateway: Gateway, raw: Mapping[str, Any], param: Callable[[str], str]) -> Any:
+async def _admitted(request: Request, gateway: Gateway, raw: Mapping[str, Any], param: Callable[[str], str]) -> Any:
     """The queued job of `raw`; a field in an error is renamed to the body's name for it."""
+    # The request's own span is made current again: FastAPI may run the route under a span of its own,
+    # outside this trace, and the job must join the caller's trace.
+    span = request.scope.get(_SPAN_KEY, trace.get_current_span())
+    token = otel_context.attach(trace.set_span_in_context(span))
     try:
         spec = await submit(gateway, raw)
     except InvalidArgument as exc:
         raise InvalidArgument(param(exc.field), exc.reason) from None
-    trace.get_current_span().set_attribute(Attr.JOB_ID, spec.job_id)
+    finally:
+        otel_context.detach(token)
+    span.set_attribute(Attr.JOB_ID, spec.job_id)
     return spec
 
 
@@ -296,6 +314,7 @@ class _Tracing:
                     span.set_status(trace.StatusCode.ERROR)
             await send(message)
 
+        scope[_SPAN_KEY] = span
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
             await self.app(scope, receive, sending)

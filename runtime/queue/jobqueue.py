@@ -16,7 +16,8 @@ retention_s, retry_after_s, keys)`):
 
 How nothing is lost or done twice:
 - `submit` writes the record, the `queued` event and the stream entry in one script, and is
-  idempotent on the job id (a retried submit returns the first job, `created=False`).
+  idempotent on the job id (a retried submit returns the first job, `created=False`); the record
+  keeps a fingerprint of the request, so the id reused for another request is `JobIdConflict`.
 - `claim` reads new entries with XREADGROUP and takes over entries whose lease expired with
   XAUTOCLAIM. The lease is the entry's idle time: `heartbeat` resets it (XCLAIM to itself), so a replica
   that stops heartbeating for `lease_s` loses the job to the next `claim`.
@@ -54,17 +55,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from blockpress.runtime.contracts.errors import JobFinished, JobNotFound, QueueFull
+from blockpress.runtime.contracts.errors import JobFinished, JobIdConflict, JobNotFound, QueueFull
 from blockpress.runtime.contracts.jobs import FINAL_EVENT_TYPES, Event, JobRecord, JobSpec, JobState, dumps, loads
 from blockpress.runtime.contracts.keys import GROUP, JobField, Keys
 from blockpress.runtime.queue.claim import Claim
-from blockpress.runtime.queue.scripts import NAMES, final_event_data, job_of, script
+from blockpress.runtime.queue.scripts import NAMES, final_event_data, fingerprint, job_of, script
 from blockpress.runtime.queue.scripts import text as _s
 
-__all__ = ["TRANSIENT_ERRORS", "Claim", "JobQueue"]
+__all__ = ["LIVE_WINDOW_S", "TRANSIENT_ERRORS", "Claim", "JobQueue"]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a queue call raises while Redis is unreachable or restarting: retry, the data is safe."""
+LIVE_WINDOW_S = 3.0
+"""A replica counts as live while its last `beat` is younger than this: three of its ~1 s beats."""
 
 
 class JobQueue:
@@ -103,6 +106,7 @@ class JobQueue:
         self._scripts = {name: redis_client.register_script(script(name)) for name in NAMES}
         self._groups: set[str] = set()
         self._autoclaim_cursor: dict[str, str] = {}
+        self._own_done: set[tuple[str, str]] = set()  # (model, consumer)s whose own pending entries were taken
 
     async def _run(self, name: str, job_id: str, model: str, *args: Any) -> Any:
         k = self.keys
@@ -119,13 +123,16 @@ class JobQueue:
 
         Raises:
             QueueFull: the model already holds `max_queue_per_model` queued jobs.
+            JobIdConflict: the id already names a job whose request differs from `spec`.
         """
         deadline = "" if spec.deadline is None else repr(float(spec.deadline))
         created, info = await self._run(
             "submit", spec.job_id, spec.model,
             spec.job_id, dumps(spec.to_dict()), spec.model, repr(float(spec.submitted_at)), deadline,
-            self.max_queue_per_model, dumps({"model": spec.model}),
+            self.max_queue_per_model, dumps({"model": spec.model}), fingerprint(spec),
         )  # fmt: skip
+        if created == -2:
+            raise JobIdConflict(spec.job_id)
         if created == -1:
             raise QueueFull(self.retry_after_s, f"model {spec.model!r} has {_s(info)} queued jobs, the most it takes")
         if created == 1:
@@ -208,8 +215,9 @@ class JobQueue:
         return max(0.0, time.time() - float(oldest[0][1])) if oldest else 0.0
 
     async def live_replicas(self, model: str, *, max_age_s: float | None = None) -> int:
-        """Replicas of `model` whose last `beat` is younger than `max_age_s` (default: the lease)."""
-        horizon = time.time() - (self.lease_s if max_age_s is None else max_age_s)
+        """Replicas of `model` whose last `beat` is younger than `max_age_s` (default `LIVE_WINDOW_S`:
+        a replica beats about every second, idle or busy; a killed one stops counting within 3 s)."""
+        horizon = time.time() - (LIVE_WINDOW_S if max_age_s is None else max_age_s)
         beats = await self.redis.hvals(self.keys.replicas(model))
         return sum(1 for beat in beats if float(beat) >= horizon)
 
@@ -249,6 +257,13 @@ class JobQueue:
                 return None
 
     async def _reclaim(self, model: str, consumer: str) -> tuple[str, str] | None:
+        if (model, consumer) not in self._own_done:
+            # A replica restarted under its name takes back what it held at once, not after the lease.
+            own = await self.redis.xpending_range(self.keys.queue(model), GROUP, "-", "+", 1, consumername=consumer)
+            entries = await self.redis.xrange(self.keys.queue(model), own[0]["message_id"], count=1) if own else []
+            if entries and entries[0][1]:
+                return _s(entries[0][0]), job_of(entries[0][1])
+            self._own_done.add((model, consumer))
         cursor = self._autoclaim_cursor.get(model, "0-0")
         try:
             reply = await self.redis.xautoclaim(

@@ -7,14 +7,16 @@ first three arguments (now, retention, group), so `_common.lua`'s helpers mean t
 
 from __future__ import annotations
 
+import hashlib
+import json
 from importlib import resources
 from typing import Any
 
 from blockpress.runtime.contracts.events import Cancelled, DeadLettered, ErrorInfo, Expired, Failed, Payload, to_data
-from blockpress.runtime.contracts.jobs import JobState
+from blockpress.runtime.contracts.jobs import JobSpec, JobState
 from blockpress.runtime.queue.claim import Claim
 
-__all__ = ["NAMES", "final_event_data", "job_of", "script", "text"]
+__all__ = ["NAMES", "final_event_data", "fingerprint", "job_of", "script", "text"]
 
 NAMES = ("submit", "start", "heartbeat", "append", "finish", "cancel", "expire")
 """The scripts a `JobQueue` registers, by file name without `.lua`."""
@@ -24,6 +26,21 @@ def script(name: str) -> str:
     """The source of script `name`: the shared helpers, then the script itself."""
     folder = resources.files(__package__).joinpath("lua")
     return folder.joinpath("_common.lua").read_text() + "\n" + folder.joinpath(f"{name}.lua").read_text()
+
+
+_NOT_THE_REQUEST = frozenset({"deadline", "trace_context", "submitted_at"})
+"""Spec fields that differ between two sends of one request (the call's clock and trace)."""
+
+
+def fingerprint(spec: JobSpec) -> str:
+    """A hash of what the client asked for, so that a job id reused for another request is told apart.
+
+    Canonical JSON (sorted keys, no spaces) of the spec without the fields a retry of the same call
+    changes; the job id and model are part of it.
+    """
+    data = {k: v for k, v in spec.to_dict().items() if k not in _NOT_THE_REQUEST}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def text(value: Any) -> str:

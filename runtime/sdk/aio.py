@@ -8,8 +8,9 @@
 
 Every job gets a job id chosen here unless the caller gives one, so a call retried after UNAVAILABLE
 (a gateway restart, no replica yet) is the same job, never a second one; a broken event stream resumes
-from the last event it delivered. Errors are `blockpress.runtime.contracts.errors` types carrying the
-status code and the gateway's message; a job that ran and did not succeed raises a `JobError`.
+from the last event it delivered, and what a re-run attempt sends again is dropped (`replay.py`).
+Errors are `blockpress.runtime.contracts.errors` types carrying the status code and the gateway's
+message (read from the rich `google.rpc.Status` details); a job that ran and did not succeed raises a `JobError`.
 `Client` (`sync.py`) is this client behind blocking calls.
 """
 
@@ -37,6 +38,7 @@ from blockpress.runtime.sdk.results import AgentResult, Result, job_outcome, out
 # Relative, unlike the rest: mypy checks this folder as `runtime`, where an absolute import of
 # `blockpress.runtime` resolves to Any, and `Unpack` needs to see the TypedDicts themselves.
 from .options import AgentOptions, CallOptions, GenerateOptions
+from .replay import ReplayFilter
 
 if TYPE_CHECKING:
     from blockpress.runtime.tracing.store import SpanRecord
@@ -110,7 +112,9 @@ class AsyncClient:
         address: `host:port` of a gateway; default `BLOCKPRESS_ADDRESS`, then 127.0.0.1:50051.
         api_key: sent as `authorization: Bearer <key>` when the gateway requires keys.
         timeout: default deadline in seconds for each call; a deadline on a submit is the job's deadline.
-        retries: attempts after an UNAVAILABLE answer, with exponential backoff.
+        retries: at most this many attempts after UNAVAILABLE answers; None: as many as `retry_s` allows.
+        retry_s: seconds a call keeps retrying UNAVAILABLE (a Redis or gateway restart, no replica yet),
+            with exponential backoff and jitter; a stream's budget starts again at each event it gets.
 
     The job calls take the prompt (text, or chat messages as `{"role", "content", ...}` mappings) and
     keyword arguments: the denoising settings and the call's options (`options.GenerateOptions`,
@@ -123,13 +127,18 @@ class AsyncClient:
         *,
         api_key: str | None = None,
         timeout: float | None = None,
-        retries: int = 5,
+        retries: int | None = None,
+        retry_s: float = 30.0,
     ) -> None:
         self.address = resolve_address(address)
         self.timeout = timeout
         self.retries = retries
+        self.retry_s = retry_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.aio.insecure_channel(self.address)
+        # Reconnect soon after a gateway restart: gRPC's default backoff grows to 120 s, far past
+        # `retry_s`, so a call retried in time would still find the channel waiting.
+        options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+        self._channel = grpc.aio.insecure_channel(self.address, options=options)
         self._stub = pb_grpc.RuntimeStub(self._channel)
 
     async def close(self) -> None:
@@ -223,24 +232,33 @@ class AsyncClient:
         reply = await self._call(self._stub.ListModels, pb.ListModelsRequest())
         return [convert.model_info_from_pb(m) for m in reply.models]
 
+    def _may_retry(self, err: BlockPressError, failures: int, since: float) -> bool:
+        """Whether a call that failed `failures` times in a row, the first at `since`, tries again."""
+        if err.code not in _RETRY_CODES or (self.retries is not None and failures > self.retries):
+            return False
+        return time.monotonic() - since < self.retry_s
+
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any, timeout: float | None = None) -> _T:
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        for attempt in range(self.retries + 1):
+        since = time.monotonic()
+        attempt = 0
+        while True:
             try:
                 return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 err = _typed(exc)
-                if err.code not in _RETRY_CODES or attempt == self.retries:
+                attempt += 1
+                if not self._may_retry(err, attempt, since):
                     raise err from None
-            await asyncio.sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
+            await asyncio.sleep(_backoff(attempt - 1))
 
     async def _follow(
         self, job_id: str, timeout: float | None, *, first: pb.SubmitRequest | None = None, after: str = ""
     ) -> AsyncIterator[Event]:
         """Events of a job until its final one; a broken stream resumes after the last event seen."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        failures = 0
+        failures, since = 0, time.monotonic()
+        replays = ReplayFilter()  # a re-run attempt's canvases were shown already
         while True:
             if first is not None and not after:  # nothing seen yet: (re)submitting is idempotent
                 call = self._stub.Generate(first, timeout=deadline.remaining(), metadata=self._metadata)
@@ -249,18 +267,19 @@ class AsyncClient:
                 call = self._stub.Watch(request, timeout=deadline.remaining(), metadata=self._metadata)
             try:
                 async for msg in call:
-                    failures = 0
+                    failures, since = 0, time.monotonic()
                     event = convert.event_from_pb(msg)
                     after = event.id
-                    yield event
+                    if replays.keep(event):
+                        yield event
                     if event.is_final:
                         return
             except grpc.RpcError as exc:
                 err = _typed(exc)
-                if err.code not in _RETRY_CODES or failures >= self.retries:
-                    raise err from None
-                await asyncio.sleep(_backoff(failures))
                 failures += 1
+                if not self._may_retry(err, failures, since):
+                    raise err from None
+                await asyncio.sleep(_backoff(failures - 1))
                 continue
             finally:
                 call.cancel()

@@ -75,5 +75,8 @@ class ConnectOptions(TypedDict, total=False):
     """Sent as `authorization: Bearer <key>` when the gateway requires keys."""
     timeout: float | None
     """Default deadline in seconds for each call; a deadline on a submit is the job's deadline."""
-    retries: int
-    """Attempts after an UNAVAILABLE answer, with exponential backoff (default 5)."""
+    retries: int | None
+    """At most this many attempts after UNAVAILABLE answers; None (default): as many as `retry_s` allows."""
+    retry_s: float
+    """Seconds a call keeps retrying UNAVAILABLE, with backoff (default 30: rides out a Redis or gateway
+    restart); a stream's budget starts again at each event."""

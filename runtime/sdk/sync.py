@@ -96,7 +96,8 @@ class Client:
         address: `host:port` of a gateway; default `BLOCKPRESS_ADDRESS`, then 127.0.0.1:50051.
         api_key: sent as `authorization: Bearer <key>` when the gateway requires keys.
         timeout: default deadline in seconds for each call; a deadline on a submit is the job's deadline.
-        retries: attempts after an UNAVAILABLE answer, with exponential backoff.
+        retries: at most this many attempts after UNAVAILABLE answers; None: as many as `retry_s` allows.
+        retry_s: seconds a call keeps retrying UNAVAILABLE (default 30), with backoff.
     """
 
     def __init__(self, address: str | None = None, **options: Unpack[ConnectOptions]) -> None:

@@ -21,8 +21,9 @@ from blockpress.workers.pool import ReplicaPool
 pytestmark = pytest.mark.slow
 
 QUEUE_OPTIONS = {"lease_s": 2.0, "max_deliveries": 3}
-# About a second of denoising each on a CPU: a burst of them outlasts one replica for a while.
-BURST = {"max_new_tokens": 128, "max_denoising_steps": 16, "confidence_threshold": 0, "stop_token_ids": []}
+# A couple of seconds of denoising each on a CPU: a burst of them outlasts one replica long enough for
+# the new ones to load their engines and take some.
+BURST = {"max_new_tokens": 256, "max_denoising_steps": 24, "confidence_threshold": 0, "stop_token_ids": []}
 LONG = {"max_new_tokens": 512, "max_denoising_steps": 32, "confidence_threshold": 0, "stop_token_ids": []}
 POLICY = ScalePolicy(min_replicas=1, max_replicas=3, jobs_per_replica=2, max_wait_s=1.0, down_idle_s=2.0)
 
@@ -124,3 +125,44 @@ async def test_a_replica_scaled_away_mid_job_finishes_it_first(pool: ReplicaPool
 
     await _until(reaped, 30, "the drained replica was not ended")
     assert pool.drained == 1
+
+
+async def test_the_replicas_command_runs_pools_with_the_autoscaler(
+    ray_cluster: Any, redis_server: Any, queue: JobQueue, tiny_checkpoint: Path
+) -> None:
+    import socket
+    import urllib.request
+
+    from blockpress.runtime.cli.embedded import cluster_pools
+    from blockpress.runtime.config import RuntimeSettings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = RuntimeSettings(
+        redis_url=redis_server.url, replicas=1, min_replicas=1, max_replicas=2, scale_jobs_per_replica=1,
+        scale_interval_s=0.5, scale_down_idle_s=1.0, pool_metrics_port=port, lease_s=2.0, drain_s=10,
+    )  # fmt: skip
+    options = {"device": "cpu", "torch_threads": 1, "name_prefix": f"c{uuid.uuid4().hex[:6]}-"}
+    async with cluster_pools(settings, models=[str(tiny_checkpoint)], pool_options=options) as (pools, scaler):
+        (pool,) = pools
+        assert scaler is not None and scaler.policy.max_replicas == 2
+        jobs = [JobSpec(job_id=f"c{i}-{uuid.uuid4().hex[:6]}", model=pool.model, prompt=f"job {i}", settings=BURST)
+                for i in range(4)]  # fmt: skip
+        for job in jobs:
+            await queue.submit(job)
+
+        async def grown_and_done() -> bool:
+            return bool(scaler.history) and all([(await queue.get(j.job_id)).state.is_final for j in jobs])
+
+        await _until(grown_and_done, 180, f"jobs or scale-up missing: {scaler.history}")
+        assert all([(await queue.get(j.job_id)).state is JobState.SUCCEEDED for j in jobs])
+        assert scaler.history[0][1:3] == (1, 2)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+                return str(response.read().decode())
+
+        body = await asyncio.to_thread(scrape)
+        assert f'blockpress_autoscale_decisions_total{{direction="up",model="{pool.model}"}} 1.0' in body
+    assert pool.size == 0  # leaving the block drained and ended the pool

@@ -1,4 +1,4 @@
-"""Placement by node kind on a real multi-node Ray cluster: a head and two labelled raylets on 127.0.0.1.
+"""Placement by node kind on a real multi-node Ray cluster: a head and two labelled raylets, one machine.
 
 The cluster is this module's own (its own temp dir, so no other Ray on the machine finds it, and no
 `ray stop`, which would end every Ray here): each node is a `ray start --block` in a session of its
@@ -35,15 +35,18 @@ pytestmark = pytest.mark.slow
 QUEUE_OPTIONS = {"lease_s": 2.0, "max_deliveries": 3}
 FAST = {"max_new_tokens": 32, "max_denoising_steps": 2, "seed": 1}
 # Several seconds of denoising on a CPU: long enough to kill its node while it runs.
-LONG = {"max_new_tokens": 1024, "max_denoising_steps": 64, "confidence_threshold": 0, "stop_token_ids": [], "seed": 2}
-KINDS = {"rtx-pro": {"dtype": "float32"}, "dgx-spark": {"dtype": "bfloat16"}}
+LONG = {"max_new_tokens": 512, "max_denoising_steps": 32, "confidence_threshold": 0, "stop_token_ids": [], "seed": 2}
+# The manifests' precisions per kind (k8s/base/config.yaml); both run on a CPU with the torch kernels.
+KINDS = {"rtx-pro": {"quantization": "fp8"}, "dgx-spark": {"quantization": "nf4"}}
 # GCS declares a killed node dead after period x threshold; the defaults (3 s x 5) only slow the test.
-# Token auth off: with it on, every process must read the same ~/.ray/auth_token, which other Ray
-# users of this machine may rewrite; the cluster listens on 127.0.0.1 only.
+# Token auth on, like the session's Ray (every process reads ~/.ray/auth_token); multi-node mode on,
+# which the embedded runtime's loopback start (`ray_on_loopback`) turns off for this process.
+CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 CLUSTER_ENV = {
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_failure_threshold": "4",
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",
+    CLUSTER_SWITCH: "1",
 }
 
 
@@ -54,7 +57,11 @@ def _free_port() -> int:
 
 
 class LocalCluster:
-    """A Ray head and labelled worker nodes, all on 127.0.0.1, each its own process group."""
+    """A Ray head and labelled worker nodes on this machine, each its own process group.
+
+    Every node starts with `--node-ip-address 127.0.0.1`; in multi-node mode Ray on Linux takes the
+    machine's address instead (`services.resolve_ip_for_localhost`), the same for every node.
+    """
 
     def __init__(self) -> None:
         ray_bin = Path(sys.executable).with_name("ray")
@@ -132,16 +139,23 @@ def _alive(ray: Any) -> dict[str, str]:
 @pytest.fixture
 def cluster() -> Iterator[tuple[LocalCluster, Any]]:
     import ray
+    from ray._private import ray_constants
+
+    from blockpress.runtime.cli.embedded import start_ray
 
     # One Ray connection per process: this test's cluster replaces the session's local Ray for its
     # duration, and the session's is brought back after, for the tests that run later.
     had_session_ray = ray.is_initialized()
     if had_session_ray:
         ray.shutdown()
+    saved_env = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", CLUSTER_SWITCH)}
+    saved_switch = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update({"RAY_AUTH_MODE": "token", CLUSTER_SWITCH: "1"})  # the driver's side of CLUSTER_ENV
+    ray_constants.ENABLE_RAY_CLUSTER = True  # read at import; the driver must take the nodes' address
     c = LocalCluster()
-    auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver's side of CLUSTER_ENV
     try:
+        # Creates ~/.ray/auth_token only where none exists (a token other Ray users here share).
+        subprocess.run([c.ray, "get-auth-token", "--generate"], env=c.env, check=True, capture_output=True)
         c.start_head()
         give_up = time.monotonic() + 150
         while True:
@@ -163,12 +177,14 @@ def cluster() -> Iterator[tuple[LocalCluster, Any]]:
     finally:
         ray.shutdown()
         c.stop()
-        if auth_mode is None:
-            del os.environ["RAY_AUTH_MODE"]
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth_mode
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        ray_constants.ENABLE_RAY_CLUSTER = saved_switch
         if had_session_ray:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            start_ray(None, num_cpus=2)  # as tests/conftest.py starts it
 
 
 @pytest.fixture
@@ -204,7 +220,7 @@ async def test_replicas_follow_node_kinds_and_survive_losing_a_node(
             # On a labelled node, never the head (which takes zero-CPU actors when nothing says no),
             # and with the engine options of the kind it landed on.
             assert info["node_id"] != head and nodes[info["node_id"]] == info["node_kind"], info
-            assert info["dtype"] == KINDS[info["node_kind"]]["dtype"], info
+            assert info["precision"] == KINDS[info["node_kind"]]["quantization"], info
 
         model = pool.model
         long_job = JobSpec(job_id=f"long-{uuid.uuid4().hex[:6]}", model=model, prompt="count", settings=LONG)
@@ -238,7 +254,7 @@ async def test_replicas_follow_node_kinds_and_survive_losing_a_node(
                 break
             assert time.monotonic() < give_up, infos
             await asyncio.sleep(0.5)
-        assert all(i["dtype"] == KINDS[survivor_kind]["dtype"] for i in infos), infos
+        assert all(i["precision"] == KINDS[survivor_kind]["quantization"] for i in infos), infos
         assert await queue.depth(model) == 0
     finally:
         pool.stop(drain_s=10)

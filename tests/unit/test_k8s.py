@@ -27,6 +27,7 @@ import yaml
 
 from blockpress.runtime.cli.main import _parser
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.workers.replica import NODE_KIND_LABEL
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -113,6 +114,13 @@ def settings_of(docs: tuple[dict[str, Any], ...], monkeypatch: pytest.MonkeyPatc
     return RuntimeSettings()
 
 
+def test_the_base_lists_every_manifest_and_each_cluster_shape_has_an_overlay() -> None:
+    listed = set(yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["resources"])
+    assert listed == {f.name for f in (K8S / "base").glob("*.yaml")} - {"kustomization.yaml"}
+    assert {p.name for p in (K8S / "overlays").iterdir()} == set(OVERLAYS)
+    assert not list(K8S.glob("*.yaml"))  # nothing outside base/ and overlays/ that `apply -k` would miss
+
+
 @pytest.mark.parametrize("target", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
 def test_every_object_validates_against_its_schema(target: str) -> None:
     docs = render(target)
@@ -138,11 +146,11 @@ def test_placement_node_kinds_and_worker_groups_agree(overlay: str, monkeypatch:
     docs = render(f"overlays/{overlay}")
     settings = settings_of(docs, monkeypatch)
     groups = one(docs, "RayCluster")["spec"]["workerGroupSpecs"]
-    kinds = {g["labels"]["node-kind"] for g in groups}
+    kinds = {g["labels"][NODE_KIND_LABEL] for g in groups}  # the label replicas select on
     assert kinds == KINDS_OF[overlay]
     assert set(settings.placement["*"]) == kinds  # replicas ask only for kinds a group can provide
     for group in groups:
-        kind = group["labels"]["node-kind"]
+        kind = group["labels"][NODE_KIND_LABEL]
         options = settings.node_kinds[kind]
         assert options.device == "cuda" and options.quantization in {"nf4", "fp8"}
         pod = group["template"]["spec"]

@@ -13,6 +13,7 @@ import pytest
 
 from blockpress.runtime.cli.embedded import server_tools
 from blockpress.runtime.config import RuntimeSettings
+from blockpress.runtime.contracts.errors import JobNotFound
 from blockpress.runtime.gateway.cards import ModelCard, load_model_card
 from blockpress.runtime.gateway.server import Gateway
 from blockpress.runtime.queue.jobqueue import JobQueue
@@ -45,6 +46,14 @@ class Service:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway.http_port}/v1"
+
+    async def redis_has(self, job_id: str) -> bool:
+        """Whether the job has been queued."""
+        try:
+            await self.queue.get(job_id)
+        except JobNotFound:
+            return False
+        return True
 
     @property
     def address(self) -> str:

@@ -4,8 +4,11 @@ checkpoint, trained to call `calculator`, behind a Gateway's HTTP front, real Re
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import ANY
 
+import httpx
 import openai
 import pytest
 from conftest import CALCULATOR, QUESTION, Service, running
@@ -146,9 +149,11 @@ async def test_a_client_that_goes_away_cancels_its_job(redis_client: Any, tiny_e
         assert first.choices[0].delta.role == "assistant"
         await stream.close()
         plain = asyncio.create_task(
-            oai.chat.completions.create(model="tiny-calculator", messages=ASK, extra_headers={"Idempotency-Key": "gone-2"})
+            oai.chat.completions.create(
+                model="tiny-calculator", messages=ASK, extra_headers={"Idempotency-Key": "gone-2"}
+            )
         )
-        while await svc.queue.depth("tiny-calculator") < 2:
+        while not await svc.redis_has("gone-2"):
             await asyncio.sleep(0.05)
         plain.cancel()
         for job_id in ("gone-1", "gone-2"):
@@ -177,3 +182,29 @@ async def test_a_request_is_traced_like_a_grpc_call(service: Service) -> None:
     assert front.attributes[Attr.JOB_ID] == "traced-1" and front.attributes["http.route"] == "/v1/chat/completions"
     record = await service.queue.get("traced-1")
     assert record.spec.trace_context["traceparent"].split("-")[1] == f"{front.context.trace_id:032x}"
+
+
+async def test_a_body_over_the_request_limit_is_413(redis_client: Any, tiny_engine: Any, tiny_card: Any) -> None:
+    async with running(redis_client, tiny_engine, tiny_card, max_request_bytes=4096) as svc, client(svc) as oai:
+        big = [{"role": "user", "content": "x" * 5000}]
+        with pytest.raises(openai.APIStatusError) as declared:
+            await oai.chat.completions.create(model="tiny-calculator", messages=big)  # type: ignore[arg-type]
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the bytes read are counted
+            yield b'{"model": "tiny-calculator", "messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'"}]}'
+
+        async with httpx.AsyncClient(base_url=svc.base_url) as http:
+            streamed = await http.post("/chat/completions", content=chunked())
+            anthropic_flavor = await http.post("/messages", content=b"{" + b" " * 5000 + b"}")
+        small = await oai.chat.completions.create(model="tiny-calculator", messages=ASK, max_tokens=4)
+    assert declared.value.status_code == 413 and declared.value.type == "invalid_request_error"
+    assert declared.value.code == "request_too_large" and "4096 bytes" in declared.value.message
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
+    assert "content-length" not in streamed.request.headers
+    assert anthropic_flavor.status_code == 413
+    assert anthropic_flavor.json() == {"type": "error", "error": {"type": "request_too_large", "message": ANY}}
+    assert small.choices[0].finish_reason in ("stop", "length")
+    assert await svc.queue.depth("tiny-calculator") == 0  # nothing oversized was queued

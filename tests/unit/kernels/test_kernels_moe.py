@@ -140,3 +140,13 @@ def test_packed_linear_matches_the_reference(
     torch.testing.assert_close(
         ours.float(), ref.float(), rtol=0, atol=_TOLERANCE[dtype] * float(ref.float().abs().max())
     )
+
+
+def test_nf4_reference_slices_an_expert_that_does_not_start_a_block() -> None:
+    """An expert of 5 x 24 = 120 elements starts mid-block: the index path, same values as the whole."""
+    weight = torch.randn(3, 5, 24) * 0.05
+    data, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    w = PackedWeight("nf4", data, state.absmax, tuple(weight.shape), 64, state.code)
+    whole = dequantize(w, torch.float32)
+    for expert in range(3):
+        assert torch.equal(dequantize(w, torch.float32, expert=expert), whole[expert])
