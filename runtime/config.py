@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from blockpress.runtime.contracts.errors import ConfigurationError
@@ -80,6 +80,10 @@ class RuntimeSettings(BaseSettings):
     """Device of each replica's engine: auto (CUDA when present), cpu, cuda."""
     dtype: str = "auto"
     """Weight dtype of each replica's engine: auto, float32, bfloat16, float16."""
+    quantization: Literal["nf4", "fp8"] | None = None
+    """Packed weights of every replica: nf4 (bitsandbytes' 4-bit NormalFloat) or fp8 (float8_e4m3 with a
+    scale per output channel), quantized layer by layer as the checkpoint loads; a node kind's own
+    `quantization` wins on its nodes. None keeps the weights in `dtype`."""
     data_dir: Path = Path(".data")
     """Where `serve` keeps its redis-server's append-only file and built checkpoints."""
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
@@ -98,10 +102,24 @@ class RuntimeSettings(BaseSettings):
     """Most chat messages in one request."""
     max_tools: int = Field(default=128, ge=0)
     """Most tool definitions in one request."""
+    max_images: int = Field(default=8, ge=0)
+    """Most images in one request's messages (PNG, JPEG or WebP); 0 refuses images."""
+    max_image_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
+    """Largest encoded image in bytes (Anthropic's limit per image)."""
+    max_images_bytes: int = Field(default=12 * 1024 * 1024, ge=1)
+    """Largest total of one request's encoded images in bytes: under `max_request_bytes`, so that an
+    HTTP body carrying them as base64 (4/3 of their size) still fits it."""
+    max_image_pixels: int = Field(default=32_000_000, ge=1)
+    """Largest image in pixels (width times height), checked from its header before it is decoded."""
     lease_s: float = Field(default=30.0, gt=0)
     """Seconds a running job stays with its replica without a heartbeat before another may take it."""
     max_deliveries: int = Field(default=3, ge=1)
     """Deliveries of one job before it ends DEAD_LETTERED (a job that crashes its replica every time)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain the gateway's gRPC port serves TLS with; set with `tls_key_file`, or
+    neither for plaintext (behind a TLS-terminating proxy, or on loopback)."""
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`; set both or neither."""
     reflection: bool = True
     """Serve gRPC server reflection, so grpcurl works without the .proto files."""
     drain_s: float = Field(default=20.0, ge=0)
@@ -193,6 +211,16 @@ class RuntimeSettings(BaseSettings):
                 "(key1,key2), or leave it unset or empty to run without authentication"
             )
         return tuple(p if isinstance(p, SecretStr) else str(p).strip() for p in parts)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RuntimeSettings:
+        # One without the other would serve plaintext where the operator asked for TLS.
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigurationError(
+                "tls_cert_file and tls_key_file (BLOCKPRESS_TLS_CERT_FILE, BLOCKPRESS_TLS_KEY_FILE): "
+                "set both for TLS, or neither for plaintext"
+            )
+        return self
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL

@@ -166,6 +166,10 @@ def _json_object(text: str, path: str) -> dict[str, Any]:
 def _add_messages(task: pb.GenerationTask | pb.AgentTask, messages: Sequence[Mapping[str, Any]]) -> None:
     for m in messages:
         msg = task.messages.add(role=m.get("role", ""), content=m.get("content", ""), name=m.get("name", ""))
+        for image in m.get("images", ()):  # the file's bytes, or {"data": bytes, "mime_type"}
+            data = image if isinstance(image, bytes) else image["data"]
+            mime = "" if isinstance(image, bytes) else image.get("mime_type", "")
+            msg.images.add(data=data, mime_type=mime)
         for call in m.get("tool_calls", ()):
             fn = call.get("function", call)  # OpenAI's nesting, or a bare {name, arguments}
             args = fn.get("arguments", {})

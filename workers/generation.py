@@ -78,7 +78,12 @@ def run_generation(
         return watch.result(text, len(prompt_ids), len(prompt_ids) - reused)
 
     events = engine.stream(prompt_ids, settings, cancel=cancel, session=session)
-    return Generation(result_of(events, on_event), tools=bool(spec.tools))
+    try:
+        return Generation(result_of(events, on_event), tools=bool(spec.tools))
+    finally:
+        if vision is not None and session is not None and hasattr(session, "attach_images"):
+            # The pixels are encoded by now; an agent turn on the same session must not see them again.
+            session.attach_images(None)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class ReplicaPool:
         placement: node kinds (`node-kind` labels) the replicas may run on; empty: any node.
         node_kinds: engine options by node kind (`RuntimeSettings.node_kinds` as plain dicts); each
             replica applies the entry of the node it lands on.
+        quantization: `nf4` or `fp8` packed weights for every replica; a node kind's own entry wins.
         num_gpus: GPUs per replica; None: 1 when `device` is not cpu and the cluster has a GPU now.
     """
 
@@ -77,6 +78,7 @@ class ReplicaPool:
         placement: Sequence[str] = (),
         node_kinds: Mapping[str, Mapping[str, Any]] | None = None,
         num_gpus: float | None = None,
+        quantization: str | None = None,
     ) -> None:
         from blockpress.runtime.config import model_name
 
@@ -88,6 +90,7 @@ class ReplicaPool:
             "queue_options": dict(queue_options or {}),
             "device": device,
             "dtype": dtype,
+            "quantization": quantization,
             "torch_threads": torch_threads,
             "max_sessions": max_sessions,
             "metrics_port": metrics_port,

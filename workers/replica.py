@@ -62,6 +62,7 @@ class Replica:
         http_allowed_hosts: host names the agents' `http_get` tool may fetch from; empty: no `http_get`.
         trace_retention_s: how long the trace store keeps this replica's spans; None: its default.
         faults: fault hooks for the job loop, installed by fault tests only; None makes no checks.
+        quantization: `nf4` or `fp8` packed weights (`DiffusionEngine.from_pretrained`); None: `dtype`.
         node_kinds: engine options (`device`, `dtype`, `quantization`) by node kind; the entry of the
             node this actor lands on (its Ray label `node-kind`) overrides `device` and `dtype`.
     """
@@ -84,6 +85,7 @@ class Replica:
         trace_retention_s: float | None = None,
         faults: FaultInjector | None = None,
         node_kinds: Mapping[str, Mapping[str, Any]] | None = None,
+        quantization: str | None = None,
     ) -> None:
         from blockpress.workers.engine import DiffusionEngine  # torch: loaded in the actor, not by the pool
 
@@ -95,7 +97,7 @@ class Replica:
         self.started_at = time.time()
         # Resolved where the actor landed, not where the pool asked: after a node loss Ray restarts
         # this actor on whichever matching node has room, and that node's kind decides the options.
-        node_kind, options = engine_options(node_kinds, device=device, dtype=dtype)
+        node_kind, options = engine_options(node_kinds, device=device, dtype=dtype, quantization=quantization)
         engine = DiffusionEngine.from_pretrained(model_path, **options)
         self.model = engine.model_name
         self.engine_info = {
@@ -190,14 +192,14 @@ class Replica:
 
 
 def engine_options(
-    node_kinds: Mapping[str, Mapping[str, Any]] | None, *, device: str, dtype: str
+    node_kinds: Mapping[str, Mapping[str, Any]] | None, *, device: str, dtype: str, quantization: str | None = None
 ) -> tuple[str | None, dict[str, Any]]:
     """This node's kind (its Ray label `node-kind`) and the engine options it gets there."""
     labels = ray.get_runtime_context().get_node_labels()
     kind: Any = labels.get(NODE_KIND_LABEL)
     if isinstance(kind, list):  # typed as a list of values in Ray's stubs, a plain string at run time
         kind = kind[0] if kind else None
-    options: dict[str, Any] = {"device": device, "dtype": dtype}
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "quantization": quantization}
     given = (node_kinds or {}).get(kind or "", {})
     options.update({key: value for key, value in given.items() if value is not None})
     return (str(kind) if kind else None), options

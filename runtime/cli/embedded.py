@@ -113,6 +113,7 @@ def replica_options(settings: RuntimeSettings) -> dict[str, Any]:
         "queue_options": {"lease_s": settings.lease_s, "max_deliveries": settings.max_deliveries},
         "device": settings.device,
         "dtype": settings.dtype,
+        "quantization": settings.quantization,
         "max_sessions": settings.replica_max_sessions,
         "torch_threads": settings.replica_torch_threads,
         "agent_pin": settings.agent_pin,
@@ -122,6 +123,15 @@ def replica_options(settings: RuntimeSettings) -> dict[str, Any]:
         "node_kinds": {kind: options.model_dump(exclude_none=True) for kind, options in settings.node_kinds.items()},
         "num_gpus": settings.replica_num_gpus,
     }
+
+
+def served_precision(settings: RuntimeSettings) -> str | None:
+    """What `ListModels` reports as a model's precision when the replicas quantize its weights: the one
+    `quantization`, or each node kind's (`fp8 on rtx-pro, nf4 on dgx-spark`); None: the checkpoint's dtype."""
+    by_kind = {kind: o.quantization or settings.quantization for kind, o in settings.node_kinds.items()}
+    if by_kind and len(set(by_kind.values())) > 1:
+        return ", ".join(f"{q or settings.dtype} on {kind}" for kind, q in sorted(by_kind.items()))
+    return next(iter(by_kind.values()), None) or settings.quantization
 
 
 def model_placement(settings: RuntimeSettings, path: str) -> tuple[str, ...]:
@@ -191,7 +201,7 @@ async def embedded_runtime(
             stack.callback(pool.stop, drain_s=settings.drain_s)
         cards = {}
         for path in paths:
-            card = await asyncio.to_thread(load_model_card, path)
+            card = await asyncio.to_thread(load_model_card, path, precision=served_precision(settings))
             cards[card.name] = card
         gateway = Gateway.from_settings(settings, cards, agent_tools=server_tools(settings))
         await gateway.start()

@@ -50,6 +50,7 @@ def _settings(args: argparse.Namespace) -> RuntimeSettings:
         "ray_address": getattr(args, "ray_address", None),
         "device": getattr(args, "device", None),
         "dtype": getattr(args, "dtype", None),
+        "quantization": getattr(args, "quantization", None),
         "min_replicas": getattr(args, "min_replicas", None),
         "max_replicas": getattr(args, "max_replicas", None),
         "pool_metrics_port": getattr(args, "metrics_port", None),
@@ -96,7 +97,7 @@ async def _serve(settings: RuntimeSettings) -> int:
 
 
 async def _gateway(settings: RuntimeSettings) -> int:
-    from blockpress.runtime.cli.embedded import default_models, server_tools
+    from blockpress.runtime.cli.embedded import default_models, served_precision, server_tools
     from blockpress.runtime.gateway.cards import load_model_card
     from blockpress.runtime.gateway.server import Gateway
     from blockpress.runtime.tracing.telemetry import setup_tracing
@@ -107,7 +108,7 @@ async def _gateway(settings: RuntimeSettings) -> int:
 
     cards = {}
     for path in default_models(settings):
-        card = await asyncio.to_thread(load_model_card, path)
+        card = await asyncio.to_thread(load_model_card, path, precision=served_precision(settings))
         cards[card.name] = card
     gateway = Gateway.from_settings(settings, cards, agent_tools=server_tools(settings))
     await gateway.start()
@@ -229,6 +230,9 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--ray-address", help="an existing Ray cluster; none starts a local Ray")
         q.add_argument("--device", help="auto, cpu or cuda")
         q.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+        q.add_argument(
+            "--quantization", choices=("nf4", "fp8"), help="packed weights, quantized as they load (default: none)"
+        )
 
     q = sub.add_parser("serve", help="run Redis, Ray, replicas and the gateway on this machine")
     model_flags(q)

@@ -34,7 +34,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 __all__ = [
@@ -132,7 +132,9 @@ class JobSpec:
     """Epoch seconds the gateway accepted the job."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow, not dataclasses.asdict: the fields are JSON values already, and asdict's deep copy
+        # was a measurable share of the gateway's CPU per submit.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:

@@ -29,6 +29,12 @@ class ModelCard:
     dtype: str
     default_max_new_tokens: int
     tokenizer: Any
+    precision: str = ""
+    """What the replicas run: the quantization when they pack the weights, else `dtype`."""
+
+    def __post_init__(self) -> None:
+        if not self.precision:
+            object.__setattr__(self, "precision", self.dtype)
 
     def count_prompt(
         self,
@@ -45,6 +51,9 @@ class ModelCard:
         not tokenized and its byte bound is returned instead: every token of a byte-level or
         byte-fallback tokenizer covers at least one byte, so such a prompt fits for certain, and the
         common short request skips the tokenizer, the largest cost of admission.
+
+        Tokenizing takes about 1 µs per character (a second for 1 MB); callers on an event loop run
+        a long prompt's count in a thread.
         """
         if prompt:
             text, special = prompt, True
@@ -61,12 +70,18 @@ class ModelCard:
             return bound
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # the Rust tokenizer directly: a fraction of the Python wrapper's cost
-            return len(backend.encode(text, add_special_tokens=special).ids)
+            # encode_batch, not encode: only the batch call releases the GIL while it runs, so a long
+            # prompt counted in a thread (`Gateway.admit_data`) leaves the event loop free; and the
+            # Encoding's len, not `.ids`, which would build a Python list of every id holding the GIL.
+            return len(backend.encode_batch([text], add_special_tokens=special)[0])
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def load_model_card(path_or_id: str) -> ModelCard:
-    """Reads a checkpoint's config, generation config and tokenizer (no weights)."""
+def load_model_card(path_or_id: str, *, precision: str | None = None) -> ModelCard:
+    """Reads a checkpoint's config, generation config and tokenizer (no weights).
+
+    `precision` is what the replicas run when it is not the checkpoint's dtype (`nf4`, `fp8`).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path_or_id)
@@ -82,4 +97,5 @@ def load_model_card(path_or_id: str) -> ModelCard:
         dtype=str(dtype).removeprefix("torch."),
         default_max_new_tokens=int(generation.get("max_new_tokens") or TRANSFORMERS_DEFAULTS["max_new_tokens"]),
         tokenizer=AutoTokenizer.from_pretrained(path_or_id),
+        precision=precision or "",
     )

@@ -24,6 +24,7 @@ from blockpress.runtime.contracts.jobs import JobSpec, new_job_id
 from blockpress.runtime.contracts.settings import DenoiseSettings
 from blockpress.runtime.convert import MAX_JSON_DEPTH, json_depth
 from blockpress.runtime.gateway.cards import ModelCard
+from blockpress.runtime.gateway.images import check_images
 
 __all__ = ["AgentIn", "GenerationIn", "SubmitIn", "validate_event_id", "validate_submit"]
 
@@ -60,11 +61,18 @@ class ToolCallIn(_Strict):
     _arguments_depth = field_validator("arguments", mode="before")(_shallow)
 
 
+class ImageIn(_Strict):
+    data: bytes
+    mime_type: str = Field("", max_length=64)
+
+
 class ChatMessageIn(_Strict):
     role: Literal["system", "user", "assistant", "model", "tool"]
     content: str
     name: str = Field("", max_length=128)
     tool_calls: tuple[ToolCallIn, ...] = ()
+    images: tuple[ImageIn, ...] = ()
+    """Checked by `gateway.images.check_images` (format, size, count), which the job carries instead."""
 
     @model_validator(mode="after")
     def _tool_needs_name(self) -> ChatMessageIn:
@@ -165,6 +173,9 @@ def validate_submit(
     assert body is not None  # _parse refuses a request without a task
     where = "generation" if request.generation is not None else "agent"
     messages = [m.to_template() for m in body.messages]
+    for message, carried in zip(messages, check_images(body.messages, where, settings), strict=True):
+        if carried:
+            message["images"] = carried
     card = _check_model(request, body, where, messages, cards, default_model)
     common: dict[str, Any] = {
         "job_id": request.job_id or new_job_id(),

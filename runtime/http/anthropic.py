@@ -5,21 +5,22 @@ the one validation runs, and the job's events come back as a `message` or as Ant
 (`message_start`, content blocks of text and `tool_use`, `message_delta`, `message_stop`). A
 `tool_result` block answers the `tool_use` whose id it names and becomes the chat template's tool
 message with that tool's name. `max_tokens` is `max_new_tokens`; `stop_sequences` cut the text at the
-edge; the denoising settings ride as extra fields. Images are refused until the engine takes them.
+edge; the denoising settings ride as extra fields. Image blocks with base64 sources become the
+message's images, as `image_url` parts do on chat completions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from blockpress.runtime.contracts.errors import InvalidArgument
 from blockpress.runtime.contracts.events import Completed
 from blockpress.runtime.contracts.jobs import Event, EventType, JobSpec
 from blockpress.runtime.http import protocol as p
-from blockpress.runtime.http.chat import completed_of
+from blockpress.runtime.http.chat import completed_of, decode_base64
 from blockpress.runtime.http.jobs import TextCut, derive_session, session_key, settings_from_extra
 
 __all__ = ["MessageTurn", "anthropic_param", "submit_body"]
@@ -38,8 +39,10 @@ def _text(content: str | list[p.AnthropicBlock] | None, where: str) -> str:
     return "\n".join(parts)
 
 
-def messages_of(req: p.AnthropicRequest) -> list[dict[str, Any]]:
-    """The request's system prompt and messages as the domain's chat messages."""
+def messages_of(req: p.AnthropicRequest, places: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The request's system prompt and messages as the domain's chat messages; `places` gets the body's
+    name of each image, for an error about it (`anthropic_param`)."""
+    places = places if places is not None else {}
     out: list[dict[str, Any]] = []
     if req.system:
         out.append({"role": "system", "content": _text(req.system, "system")})
@@ -57,8 +60,12 @@ def messages_of(req: p.AnthropicRequest) -> list[dict[str, Any]]:
             out.append({"role": "assistant", "content": "".join(texts), "tool_calls": calls})
             continue
         texts = []
+        images: list[dict[str, Any]] = []
         for j, b in enumerate(blocks):
-            if b.type == "tool_result":
+            if b.type == "image":
+                places[f"messages[{len(out)}].images[{len(images)}]"] = f"{where}[{j}].source"
+                images.append(_image(b, f"{where}[{j}].source"))
+            elif b.type == "tool_result":
                 name = names.get(b.tool_use_id or "")
                 if not name:
                     raise InvalidArgument(f"{where}[{j}].tool_use_id", "answers no tool_use of an earlier message")
@@ -67,14 +74,29 @@ def messages_of(req: p.AnthropicRequest) -> list[dict[str, Any]]:
                 texts.append(b.text or "")
             else:
                 raise InvalidArgument(f"{where}[{j}]", f"a {b.type!r} block is not supported by this gateway yet")
-        if texts:
-            out.append({"role": "user", "content": "\n".join(texts)})
+        if texts or images:
+            out.append({"role": "user", "content": "\n".join(texts), **({"images": images} if images else {})})
     return out
 
 
-def submit_body(req: p.AnthropicRequest, *, job_id: str, session_header: str | None = None) -> dict[str, Any]:
-    """The plain request `validate_submit` checks, for a messages request."""
-    messages = messages_of(req)
+def _image(block: p.AnthropicBlock, where: str) -> dict[str, Any]:
+    """An image block's bytes: `{"type": "base64", "media_type", "data"}` (URL sources are not fetched)."""
+    source = (block.model_extra or {}).get("source")
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        raise InvalidArgument(
+            where, "send the image inline: {'type': 'base64', 'media_type', 'data'}; URLs are not fetched"
+        )
+    return {
+        "data": decode_base64(str(source.get("data", "")), f"{where}.data"),
+        "mime_type": source.get("media_type", ""),
+    }
+
+
+def submit_body(
+    req: p.AnthropicRequest, *, job_id: str, session_header: str | None = None, places: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The plain request `validate_submit` checks, for a messages request; `places` as in `messages_of`."""
+    messages = messages_of(req, places)
     tools = [{"name": t.name, "description": t.description, "parameters": t.input_schema} for t in req.tools or ()]
     choice = req.tool_choice
     if choice is not None and choice.type == "none":
@@ -94,10 +116,13 @@ def submit_body(req: p.AnthropicRequest, *, job_id: str, session_header: str | N
     return {"model": req.model, "job_id": job_id, "generation": generation}
 
 
-def anthropic_param(field: str) -> str:
-    """A `validate_submit` field path as the body's name for it."""
+def anthropic_param(field: str, places: Mapping[str, str] | None = None) -> str:
+    """A `validate_submit` field path as the body's name for it; `places` names each image's block."""
     if field == "job_id":
         return "Idempotency-Key"
+    for domain, body in (places or {}).items():
+        if field == f"generation.{domain}" or field.startswith(f"generation.{domain}."):
+            return body
     if field.endswith("settings.max_new_tokens"):
         return "max_tokens"
     return field.removeprefix("generation.settings.").removeprefix("generation.")

@@ -110,8 +110,10 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
     @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         authorize(request)
-        raw = chat.submit_body(body, job_id=job_id(request), session_header=request.headers.get("x-session-id"))
-        spec = await _admitted(request, gateway, raw, chat.openai_param)
+        places: dict[str, str] = {}
+        session = request.headers.get("x-session-id")
+        raw = chat.submit_body(body, job_id=job_id(request), session_header=session, places=places)
+        spec = await _admitted(request, gateway, raw, lambda field: chat.openai_param(field, places))
         turn = chat.ChatTurn(body, spec, markers(spec.model))
         if body.stream:
             return _stream(lambda: ((None, c) async for c in turn.chunks(follow(gateway, spec.job_id))), done=True)
@@ -120,8 +122,10 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
     @app.post("/v1/messages")
     async def messages(body: p.AnthropicRequest, request: Request) -> Response:
         authorize(request)
-        raw = anthropic.submit_body(body, job_id=job_id(request), session_header=request.headers.get("x-session-id"))
-        spec = await _admitted(request, gateway, raw, anthropic.anthropic_param)
+        places: dict[str, str] = {}
+        session = request.headers.get("x-session-id")
+        raw = anthropic.submit_body(body, job_id=job_id(request), session_header=session, places=places)
+        spec = await _admitted(request, gateway, raw, lambda field: anthropic.anthropic_param(field, places))
         turn = anthropic.MessageTurn(body, spec, markers(spec.model))
         if body.stream:
             return _stream(lambda: turn.events(follow(gateway, spec.job_id)), flavor="anthropic")

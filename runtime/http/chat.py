@@ -11,6 +11,8 @@ The mapping, where OpenAI and BlockPress differ:
 - A `tool` message answers the assistant call whose id it names; it becomes the chat template's tool
   message with that call's tool name. `tool_choice` "none" sends no tools, a named function sends only
   that one; "required" cannot force a call on a diffusion canvas and reads as "auto".
+- `image_url` parts of a user message, as data URLs (the gateway fetches nothing), become its `images`,
+  placed before its text; the gateway checks them as it checks images over gRPC.
 - `stop` strings cut the text at the edge; the job itself ends at a stop token or the token limit.
 - Tool call ids are derived from the job id, so a request retried with its `Idempotency-Key` gets the
   same ids back. `usage.prompt_tokens_details.cached_tokens` counts prompt tokens a warm session saved.
@@ -18,6 +20,8 @@ The mapping, where OpenAI and BlockPress differ:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -35,7 +39,9 @@ from blockpress.runtime.sdk.results import outcome
 __all__ = [
     "ChatTurn",
     "completed_of",
+    "decode_base64",
     "finish_reason",
+    "image_data",
     "openai_param",
     "submit_body",
     "text_of",
@@ -47,16 +53,51 @@ _FINISH = {"tool_call": "tool_calls", "max_new_tokens": "length"}
 
 
 def text_of(content: str | list[Any] | None, where: str) -> str:
-    """A message's text; image parts are refused until the engine takes images."""
+    """A message's text; its image parts are read by `images_of`."""
     if content is None or isinstance(content, str):
         return content or ""
-    texts = []
-    for j, part in enumerate(content):
-        if isinstance(part, p.TextPart):
-            texts.append(part.text)
-        else:
-            raise InvalidArgument(f"{where}.content[{j}]", "image inputs are not supported by this gateway yet")
-    return "\n".join(texts)
+    return "\n".join(part.text for part in content if isinstance(part, p.TextPart))
+
+
+_DATA_URL = re.compile(r"\Adata:([\w.+/-]*)((?:;[^;,]*)*),(.*)\Z", re.DOTALL)
+
+
+def image_data(url: str, where: str) -> dict[str, Any]:
+    """An image's bytes and MIME type from a `data:` URL (the gateway fetches no other URL)."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise InvalidArgument(
+            where, "send the image inline as a data URL (data:image/png;base64,...); URLs are not fetched"
+        )
+    if ";base64" not in match.group(2):
+        raise InvalidArgument(where, "the data URL must be base64 (data:image/png;base64,...)")
+    return {"data": decode_base64(match.group(3), where), "mime_type": match.group(1)}
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidArgument(where, f"is not valid base64 ({exc})") from None
+
+
+def images_of(
+    content: str | list[Any] | None, where: str, role: str, place: tuple[int, dict[str, str]]
+) -> list[dict[str, Any]]:
+    """A message's images (`image_url` parts with data URLs), in order; `place` records, for an error
+    about the domain's `messages[d].images[j]`, the body's name for that part."""
+    if content is None or isinstance(content, str):
+        return []
+    out: list[dict[str, Any]] = []
+    for k, part in enumerate(content):
+        if not isinstance(part, p.ImagePart):
+            continue
+        field = f"{where}.content[{k}].image_url.url"
+        if role != "user":
+            raise InvalidArgument(f"{where}.content[{k}]", f"images go in user messages, not in a {role!r} message")
+        place[1][f"messages[{place[0]}].images[{len(out)}]"] = field
+        out.append(image_data(part.image_url.url, field))
+    return out
 
 
 def _arguments(text: str, where: str) -> dict[str, Any]:
@@ -69,13 +110,15 @@ def _arguments(text: str, where: str) -> dict[str, Any]:
     return value
 
 
-def messages_of(messages: Iterable[p.ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages as the domain's chat messages (`{"role", "content", "name", "tool_calls"}`)."""
+def messages_of(messages: Iterable[p.ChatMessage], places: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages as the domain's chat messages (`{"role", "content", "name", "tool_calls", "images"}`);
+    `places` gets the body's name of each image (see `openai_param`)."""
     out: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> tool name, from the assistant messages so far
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         text = text_of(m.content, where)
+        images = images_of(m.content, where, m.role, (len(out), places if places is not None else {}))
         if m.role in ("system", "developer"):
             if out and out[-1]["role"] == "system":  # the template takes one system turn: merge
                 out[-1]["content"] += "\n\n" + text
@@ -96,7 +139,7 @@ def messages_of(messages: Iterable[p.ChatMessage]) -> list[dict[str, Any]]:
                 )
             out.append({"role": "tool", "content": text, "name": name})
         else:
-            out.append({"role": "user", "content": text})
+            out.append({"role": "user", "content": text, **({"images": images} if images else {})})
     return out
 
 
@@ -117,9 +160,15 @@ def tools_of(req: p.ChatCompletionRequest) -> list[dict[str, Any]]:
     return tools
 
 
-def submit_body(req: p.ChatCompletionRequest, *, job_id: str, session_header: str | None = None) -> dict[str, Any]:
-    """The plain request `validate_submit` checks, for a chat completion."""
-    messages = messages_of(req.messages)
+def submit_body(
+    req: p.ChatCompletionRequest,
+    *,
+    job_id: str,
+    session_header: str | None = None,
+    places: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The plain request `validate_submit` checks, for a chat completion; `places` as in `messages_of`."""
+    messages = messages_of(req.messages, places)
     tools = tools_of(req)
     if req.session_id:
         session = req.session_id
@@ -141,10 +190,14 @@ def submit_body(req: p.ChatCompletionRequest, *, job_id: str, session_header: st
 _SETTING = re.compile(r"^(generation|agent)\.settings\.")
 
 
-def openai_param(field: str) -> str:
-    """A `validate_submit` field path as the body's parameter (`generation.settings.t_min` -> `t_min`)."""
+def openai_param(field: str, places: Mapping[str, str] | None = None) -> str:
+    """A `validate_submit` field path as the body's parameter (`generation.settings.t_min` -> `t_min`);
+    `places` names the body's part of each image (`messages[0].images[0]` -> `messages[0].content[1]...`)."""
     if field == "job_id":
         return "Idempotency-Key"
+    for domain, body in (places or {}).items():
+        if field == f"generation.{domain}" or field.startswith(f"generation.{domain}."):
+            return body
     if field.endswith("settings.max_new_tokens"):
         return "max_completion_tokens"
     field = _SETTING.sub("", field)

@@ -84,8 +84,13 @@ def derive_session(model: str, messages: Sequence[Mapping[str, Any]], tools: Ite
         head.append(message)
         if message.get("role") == "user":
             break
-    text = json.dumps([model, head, list(tools)], sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps([model, head, list(tools)], sort_keys=True, separators=(",", ":"), default=_digest)
     return "http-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def _digest(value: Any) -> str:
+    # An image's bytes count by their hash: their repr would be several times their size.
+    return hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else str(value)
 
 
 def session_key(value: str) -> str:

@@ -104,6 +104,10 @@ class _Deadline:
             raise DeadlineExceeded("the call's deadline passed before the job finished")
         return left
 
+    def allows(self, wait_s: float) -> bool:
+        """Whether a retry after `wait_s` would still start before the deadline."""
+        return self.at is None or time.monotonic() + wait_s < self.at
+
 
 class AsyncClient:
     """A client of a BlockPress gateway, for asyncio. Close it (or use `async with`) to release the channel.
@@ -115,6 +119,9 @@ class AsyncClient:
         retries: at most this many attempts after UNAVAILABLE answers; None: as many as `retry_s` allows.
         retry_s: seconds a call keeps retrying UNAVAILABLE (a Redis or gateway restart, no replica yet),
             with exponential backoff and jitter; a stream's budget starts again at each event it gets.
+        tls: connect over TLS, checking the gateway's certificate against the system's roots.
+        credentials: the channel's TLS credentials (a private CA's roots, a client certificate); given,
+            the channel is TLS whatever `tls` says.
 
     The job calls take the prompt (text, or chat messages as `{"role", "content", ...}` mappings) and
     keyword arguments: the denoising settings and the call's options (`options.GenerateOptions`,
@@ -129,6 +136,8 @@ class AsyncClient:
         timeout: float | None = None,
         retries: int | None = None,
         retry_s: float = 30.0,
+        tls: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.address = resolve_address(address)
         self.timeout = timeout
@@ -138,7 +147,12 @@ class AsyncClient:
         # Reconnect soon after a gateway restart: gRPC's default backoff grows to 120 s, far past
         # `retry_s`, so a call retried in time would still find the channel waiting.
         options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
-        self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        if credentials is None and tls:
+            credentials = grpc.ssl_channel_credentials()  # the system's roots
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(self.address, credentials, options=options)
         self._stub = pb_grpc.RuntimeStub(self._channel)
 
     async def close(self) -> None:
@@ -248,7 +262,9 @@ class AsyncClient:
             except grpc.RpcError as exc:
                 err = _typed(exc)
                 attempt += 1
-                if not self._may_retry(err, attempt, since):
+                # Out of budget or of deadline: the caller learns why the last try failed (the gateway
+                # is unreachable), not that its deadline ran out while the SDK retried.
+                if not self._may_retry(err, attempt, since) or not deadline.allows(_backoff(attempt - 1)):
                     raise err from None
             await asyncio.sleep(_backoff(attempt - 1))
 
@@ -277,7 +293,7 @@ class AsyncClient:
             except grpc.RpcError as exc:
                 err = _typed(exc)
                 failures += 1
-                if not self._may_retry(err, failures, since):
+                if not self._may_retry(err, failures, since) or not deadline.allows(_backoff(failures - 1)):
                     raise err from None
                 await asyncio.sleep(_backoff(failures - 1))
                 continue

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
+import grpc
+
 __all__ = ["AgentOptions", "CallOptions", "ConnectOptions", "GenerateOptions", "Settings"]
 
 
@@ -80,3 +82,8 @@ class ConnectOptions(TypedDict, total=False):
     retry_s: float
     """Seconds a call keeps retrying UNAVAILABLE, with backoff (default 30: rides out a Redis or gateway
     restart); a stream's budget starts again at each event."""
+    tls: bool
+    """Connect over TLS, checking the gateway's certificate against the system's roots (default False)."""
+    credentials: grpc.ChannelCredentials | None
+    """TLS credentials of the channel (`grpc.ssl_channel_credentials(root_certificates=...)` for a private
+    CA or a client certificate); given, the channel is TLS whatever `tls` says."""

@@ -98,6 +98,8 @@ class Client:
         timeout: default deadline in seconds for each call; a deadline on a submit is the job's deadline.
         retries: at most this many attempts after UNAVAILABLE answers; None: as many as `retry_s` allows.
         retry_s: seconds a call keeps retrying UNAVAILABLE (default 30), with backoff.
+        tls: connect over TLS, checking the gateway's certificate against the system's roots.
+        credentials: the channel's TLS credentials (`grpc.ssl_channel_credentials(...)`); implies TLS.
     """
 
     def __init__(self, address: str | None = None, **options: Unpack[ConnectOptions]) -> None:

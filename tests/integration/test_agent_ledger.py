@@ -36,7 +36,7 @@ def _die(_: Sequence[Message]) -> str:
 async def test_a_redelivered_agent_job_resumes_and_runs_its_tool_once(queue: JobQueue, redis_server: Any) -> None:
     charges: list[int] = []
 
-    @tool
+    @tool(isolated=False)  # records into this process; the ledger, not isolation, is under test
     def charge(cents: int) -> str:
         """Charges a card; must never run twice."""
         charges.append(cents)

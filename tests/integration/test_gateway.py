@@ -7,6 +7,8 @@ runs: what these tests look at is what the gateway accepts, refuses and reports.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import subprocess
 import sys
@@ -49,6 +51,7 @@ class GatewayThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self._beating: concurrent.futures.Future[None] | None = None
         self.call(self._start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
         self.stub = pb_grpc.RuntimeStub(self.channel)
@@ -63,12 +66,24 @@ class GatewayThread:
         await self.gateway.start()
 
     def beat(self) -> None:
+        """A replica of the model is live from now on: it heartbeats, as a real replica's loop does,
+        so that a test running longer than the gateway's live window still sees it."""
         self.call(self.queue.beat(self.card.name, "test-replica"))
+        if self._beating is None:
+            self._beating = asyncio.run_coroutine_threadsafe(self._keep_beating(), self.loop)
+
+    async def _keep_beating(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):  # a test may stop Redis on purpose
+                await self.queue.beat(self.card.name, "test-replica")
 
     def job_keys(self) -> list[bytes]:
         return [*self.call(self.redis.keys("{bp}:job:*")), *self.call(self.redis.keys("{bp}:events:*"))]
 
     def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
         self.channel.close()
         self.call(self.gateway.stop(grace=0))
         self.call(self.redis.aclose())
@@ -143,8 +158,9 @@ def test_a_good_submit_is_queued_with_its_trace(gw: GatewayThread) -> None:
     assert (reply.job_id, reply.state, reply.created) == ("good-1", pb.JOB_STATE_QUEUED, True)
     record = gw.call(gw.queue.get("good-1"))
     assert record.spec.prompt == "hello" and record.model == gw.card.name
-    # A deadline on the call is the job's deadline.
-    assert record.spec.deadline is not None and 20 < record.spec.deadline - record.spec.submitted_at <= 30
+    # A deadline on the call is the job's deadline. (gRPC rounds the timeout it sends up to its
+    # header's coarser units, up to 100 ms at this size, so the server may see a little more than 30 s.)
+    assert record.spec.deadline is not None and 20 < record.spec.deadline - record.spec.submitted_at <= 30.2
     spans = [s for s in gw.exporter.get_finished_spans() if s.name == "gateway.Submit"]
     assert len(spans) == 1
     assert spans[0].attributes["rpc.method"] == "Submit"
@@ -183,9 +199,13 @@ def test_a_generate_stream_closed_early_ends_its_span_cleanly(
 
 def test_same_job_id_twice_is_one_job(gw: GatewayThread) -> None:
     first = gw.stub.Submit(prompt_request(job_id="idem-1"))
-    second = gw.stub.Submit(prompt_request("different text", job_id="idem-1"))
+    second = gw.stub.Submit(prompt_request(job_id="idem-1"))  # a retry of the same request
     assert first.created and not second.created
     assert second.job_id == "idem-1"
+    # The same id with another request is refused, not silently answered with the first job.
+    with pytest.raises(grpc.RpcError) as info:
+        gw.stub.Submit(prompt_request("different text", job_id="idem-1"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
     assert gw.call(gw.queue.depth(gw.card.name)) == 1
     assert gw.call(gw.queue.get("idem-1")).spec.prompt == "hello"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from blockpress.runtime.contracts.errors import JobFinished, JobNotFound, QueueFull
+from blockpress.runtime.contracts.errors import JobFinished, JobIdConflict, JobNotFound, QueueFull
 from blockpress.runtime.contracts.jobs import Event, JobSpec, JobState
 from blockpress.runtime.contracts.keys import GROUP, Keys
 from blockpress.runtime.queue.jobqueue import JobQueue
@@ -28,10 +28,12 @@ async def types(queue: JobQueue, job_id: str) -> list[str]:
 async def test_submit_is_idempotent_on_the_job_id(redis_client: Any) -> None:
     queue = JobQueue(redis_client)
     first, created = await queue.submit(spec("a", settings={"seed": 1}))
-    again, created_again = await queue.submit(spec("a", settings={"seed": 2}))
+    again, created_again = await queue.submit(spec("a", settings={"seed": 1}))  # a client's retry
     assert created and not created_again
     assert first.state is again.state is JobState.QUEUED
     assert again.spec.settings == {"seed": 1}, "the first submission's spec stands"
+    with pytest.raises(JobIdConflict):  # the same id with another request is not the same job
+        await queue.submit(spec("a", settings={"seed": 2}))
     assert await redis_client.xlen(KEYS.queue(MODEL)) == 1
     assert await types(queue, "a") == ["queued"]
     assert await queue.depth(MODEL) == 1

@@ -9,7 +9,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from conftest import CALCULATOR, QUESTION, Service
+from httpservice import CALCULATOR, QUESTION, Service
 
 from blockpress.runtime.contracts.jobs import JobState
 

@@ -4,7 +4,7 @@ each through the HTTP API (their own OpenAI clients) and through BlockPress's gR
 from __future__ import annotations
 
 import pytest
-from conftest import QUESTION, Service
+from httpservice import QUESTION, Service
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI

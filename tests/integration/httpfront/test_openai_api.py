@@ -11,7 +11,7 @@ from unittest.mock import ANY
 import httpx
 import openai
 import pytest
-from conftest import CALCULATOR, QUESTION, Service, running
+from httpservice import CALCULATOR, QUESTION, Service, running
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
