@@ -90,6 +90,16 @@ def _split(options: Mapping[str, Any], named: frozenset[str]) -> tuple[dict[str,
     return calls, {k: v for k, v in options.items() if k not in named}
 
 
+def _left(deadline: _Deadline, unreachable: BlockPressError | None) -> float | None:
+    """The next try's timeout; past the deadline after failed tries, the last failure is the answer."""
+    try:
+        return deadline.remaining()
+    except DeadlineExceeded:
+        if unreachable is not None:
+            raise unreachable from None
+        raise
+
+
 class _Deadline:
     """An overall deadline over several calls; `remaining()` is the next call's timeout."""
 
@@ -256,11 +266,16 @@ class AsyncClient:
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         since = time.monotonic()
         attempt = 0
+        unreachable: BlockPressError | None = None
         while True:
             try:
-                return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return await method(request, timeout=_left(deadline, unreachable), metadata=self._metadata)
             except grpc.RpcError as exc:
                 err = _typed(exc)
+                if err.code is grpc.StatusCode.DEADLINE_EXCEEDED and unreachable is not None:
+                    raise unreachable from None  # the deadline ran out while the gateway was unreachable
+                if err.code in _RETRY_CODES:
+                    unreachable = err
                 attempt += 1
                 # Out of budget or of deadline: the caller learns why the last try failed (the gateway
                 # is unreachable), not that its deadline ran out while the SDK retried.

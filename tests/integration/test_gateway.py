@@ -325,7 +325,11 @@ def fuzz_gw(redis_server: Any, card: ModelCard) -> Iterator[GatewayThread]:
 
 
 _text = st.text(st.characters(codec="utf-8"), max_size=40)
-_floats = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -1.0, 1e-9, 0.5, 2.0])
+# No subnormals: an engine built earlier in this process flushes denormals to zero (DiffusionEngine on the
+# CPU), and hypothesis refuses to draw them under that processor state.
+_floats = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False) | st.sampled_from(
+    [0.0, -1.0, 1e-9, 0.5, 2.0]
+)
 _ints = st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.integers(-5, 5000)
 _settings = st.builds(
     pb.Settings,
