@@ -277,11 +277,11 @@ class DiffusionEngine:
             canvases.append(stats)
             if index == 0:
                 first_canvas_s = time.perf_counter() - started
-            yield CanvasEvent(index, committed, self.decode(committed), stats)
+            done = hit_stop or len(new_ids) >= s.max_new_tokens
+            yield CanvasEvent(index, committed, self.decode(committed), stats, last=done)
             if hit_stop:
                 stop_reason = "stop_token"
-                break
-            if len(new_ids) >= s.max_new_tokens:
+            if done:
                 break
 
         timings = Timings(prefill_s, first_canvas_s, denoise_s, time.perf_counter() - started)

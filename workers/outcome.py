@@ -12,13 +12,15 @@ __all__ = ["NOT_OURS", "Ending", "is_broken"]
 
 
 class Ending(NamedTuple):
-    """The final state to write (None: not ours to write), its payload, and the engine's result when
-    the job was a generation (for metrics)."""
+    """The final state to write (None: not ours to write), its payload, the engine's result when
+    the job was a generation (for metrics), and the events to write with the final one."""
 
     state: JobState | None
     result: dict[str, Any] | None
     error: dict[str, str] | None
     generation: GenerationResult | None = None
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()
+    """(type, data) of the run's events still to write, written just before the final one."""
 
 
 NOT_OURS = Ending(None, None, None)

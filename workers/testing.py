@@ -281,7 +281,8 @@ class FakeEngine:
         ids = ids[: s.max_new_tokens]
         is_set = (cancel.is_set if isinstance(cancel, threading.Event) else cancel) if cancel else None
         canvases: list[CanvasStats] = []
-        for index, start in enumerate(range(0, max(len(ids), 1), self.canvas_length)):
+        starts = range(0, max(len(ids), 1), self.canvas_length)
+        for index, start in enumerate(starts):
             chunk = ids[start : start + self.canvas_length]
             for step in range(1, self.steps + 1):
                 if self.step_gate is not None:
@@ -292,7 +293,7 @@ class FakeEngine:
             stats = CanvasStats(index, self.steps, self.steps, len(chunk), 0.0, [len(chunk)] * self.steps,
                                 [0.0] * self.steps)  # fmt: skip
             canvases.append(stats)
-            yield CanvasEvent(index, chunk, self.decode(chunk), stats)
+            yield CanvasEvent(index, chunk, self.decode(chunk), stats, last=index == len(starts) - 1)
         if session is not None:
             session.token_ids = prompt_ids + ids
         stop = "stop_token" if len(ids) < s.max_new_tokens else "max_new_tokens"
@@ -334,7 +335,9 @@ class PromptFaults(FaultInjector):
     async def before_finish(self, claim: Claim, queue: JobQueue, ending: Ending) -> None:
         if _marked(claim, "@fault:exit-before-ack") and ending.state is not None:
             # The queue keeps its unacknowledged write protected: only a fault test may open that window.
-            await queue._write_final(claim, ending.state, result=ending.result, error=ending.error, ack=False)
+            await queue._write_final(
+                claim, ending.state, result=ending.result, error=ending.error, events=ending.events, ack=False
+            )
             self.exit(71)
 
 

@@ -118,6 +118,9 @@ class CanvasEvent:
     token_ids: list[int]
     text: str
     stats: CanvasStats
+    last: bool = False
+    """No canvas follows (the stop token or `max_new_tokens` was reached): the runner writes this one
+    together with the job's final event, one Redis call instead of two at the end of every job."""
 
 
 @dataclass(frozen=True, slots=True)

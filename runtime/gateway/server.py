@@ -36,7 +36,6 @@ from blockpress.runtime.convert import request_to_dict
 from blockpress.runtime.gateway.cards import ModelCard
 from blockpress.runtime.gateway.fanout import EventFanout
 from blockpress.runtime.gateway.handlers import add_runtime_to_server
-from blockpress.runtime.gateway.interceptors import AuthInterceptor, TracingInterceptor
 from blockpress.runtime.gateway.reflection import enable_reflection
 from blockpress.runtime.gateway.servicer import RuntimeServicer
 from blockpress.runtime.gateway.streamcap import StreamCap
@@ -227,15 +226,10 @@ class Gateway:
 
     async def start(self) -> int:
         """Binds `host:port` and starts serving; returns the bound port (useful with port 0)."""
-        interceptors: list[grpc.aio.ServerInterceptor] = [TracingInterceptor(SERVICE, self._tracer)]
-        if self.settings.api_keys:
-            interceptors.insert(0, AuthInterceptor(self.settings.api_key_values(), protected=SERVICE))
         limit = self.settings.max_request_bytes
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
-        )
-        add_runtime_to_server(RuntimeServicer(self), server)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+        keys = self.settings.api_key_values() if self.settings.api_keys else ()
+        add_runtime_to_server(RuntimeServicer(self), server, tracer=self._tracer, api_keys=keys)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.settings.reflection:
             enable_reflection((SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)

@@ -18,7 +18,7 @@ from blockpress.runtime import convert
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.contracts.errors import InvalidArgument, ServiceUnavailable, to_status
-from blockpress.runtime.gateway.interceptors import record_status
+from blockpress.runtime.gateway.handlers import record_status
 from blockpress.runtime.gateway.streamcap import client_of
 from blockpress.runtime.gateway.validation import validate_event_id
 

@@ -48,6 +48,7 @@ All scripts assume one Redis (or keys of one job and its model in one slot); key
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -336,13 +337,17 @@ class JobQueue:
         result: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
         event_data: dict[str, Any] | None = None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> bool:
         """Ends this attempt's job in `state` and acknowledges it; False when the attempt is stale.
 
         `result` is the `completed` payload (SUCCEEDED); `error` is `{code, message}` (FAILED). The final
-        event's data defaults to what the state implies; `event_data` overrides it.
+        event's data defaults to what the state implies; `event_data` overrides it. `events` (type,
+        data) are appended first, in the same script: a run's last canvas costs no round trip of its own.
         """
-        return await self._write_final(claim, state, result=result, error=error, event_data=event_data, ack=True)
+        return await self._write_final(
+            claim, state, result=result, error=error, event_data=event_data, events=events, ack=True
+        )
 
     async def _write_final(
         self,
@@ -352,6 +357,7 @@ class JobQueue:
         result: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
         event_data: dict[str, Any] | None = None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
         ack: bool,
     ) -> bool:
         # Protected: only `finish` (ack=True) and fault tests (ack=False: the stream entry stays pending,
@@ -364,7 +370,7 @@ class JobQueue:
             "finish", claim.job_id, claim.model,
             claim.job_id, claim.attempt, state.value, FINAL_EVENT_TYPES[state], dumps(event_data),
             dumps(result) if result is not None else "", dumps(error) if error is not None else "",
-            "1" if ack else "0",
+            "1" if ack else "0", *[part for kind, data in events for part in (kind, dumps(data))],
         )  # fmt: skip
         return bool(event_id)
 

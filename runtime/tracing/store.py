@@ -1,12 +1,15 @@
 """The BlockPress trace store: finished spans kept in Redis per trace, so inspection needs no collector.
 
 Writing happens off the hot path. `TraceStoreProcessor.on_end` only appends the finished span to a
-bounded buffer; a background thread turns spans into JSON and writes them in pipelined batches. When
-the buffer is full (Redis slow or gone) spans are dropped and counted, never waited for: a job must not
-slow down or fail because its trace could not be kept.
+bounded buffer; a background thread turns spans into JSON and writes each batch with one call of the
+Lua script `store.lua` (per chunk of `_CHUNK` spans), which does every key's update in Redis: packing
+several commands per span was most of that thread's CPU, in processes where it shares the GIL with
+the gateway or the engine. When the buffer is full (Redis slow or gone) spans are dropped and counted,
+never waited for: a job must not slow down or fail because its trace could not be kept.
 
 Layout (prefix `bp:traces`, which `blockpress.runtime.contracts.keys` reserves), every key expiring
-`retention_s` after the newest span it holds ended:
+`retention_s` after the newest span it holds ended (an expiry is set when a key has none and only ever
+extended, so a trace's spans may arrive in any order and in any number of batches):
 
 - `{prefix}:spans:{trace_id}`: hash, span id -> span JSON (idempotent under re-export);
 - `{prefix}:job:{job_id}`: the trace id of a job, from spans carrying `blockpress.job.id`;
@@ -23,8 +26,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from typing import Any, Final
 
+import orjson
 import redis
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -38,6 +43,10 @@ __all__ = ["SpanEventRecord", "SpanRecord", "TraceStore", "TraceStoreProcessor"]
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX: Final = "bp:traces"
+
+_CHUNK: Final = 512
+"""Spans per script call: a whole default batch, and well under the ~8,000 values Lua's `unpack`
+can spread into one command (a chunk's HSET or ZADD takes at most two per span)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,33 +85,16 @@ class SpanRecord:
 
     @classmethod
     def from_span(cls, span: ReadableSpan) -> SpanRecord:
-        ctx = span.context
-        assert ctx is not None
-        parent = span.parent
-        return cls(
-            trace_id=f"{ctx.trace_id:032x}",
-            span_id=f"{ctx.span_id:016x}",
-            parent_id=None if parent is None else f"{parent.span_id:016x}",
-            name=span.name,
-            start_ns=span.start_time or 0,
-            end_ns=span.end_time or span.start_time or 0,
-            service=str(span.resource.attributes.get("service.name", "")),
-            kind=span.kind.name,
-            status=span.status.status_code.name,
-            status_message=span.status.description or "",
-            attributes=_plain(span.attributes),
-            events=[SpanEventRecord(e.name, e.timestamp, _plain(e.attributes)) for e in span.events],
-        )
+        return cls.from_dict(_span_dict(span))
 
     def to_dict(self) -> dict[str, Any]:
-        # By hand, not dataclasses.asdict: asdict deep-copies every value, and the gateway's writer
-        # thread serializes one span per call (a quarter of the gateway's CPU under a submit burst).
+        # By hand, not dataclasses.asdict: asdict deep-copies every value.
         out = {f: getattr(self, f) for f in _RECORD_FIELDS}
         out["events"] = [{"name": e.name, "time_ns": e.time_ns, "attributes": e.attributes} for e in self.events]
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return _dumps(self.to_dict()).decode()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpanRecord:
@@ -120,6 +112,51 @@ _RECORD_FIELDS: Final = tuple(f.name for f in fields(SpanRecord) if f.name != "e
 def _plain(attributes: Any) -> dict[str, Any]:
     # OpenTelemetry hands out immutable mappings with tuple values; JSON wants dicts and lists.
     return {k: list(v) if isinstance(v, tuple) else v for k, v in (attributes or {}).items()}
+
+
+def _span_dict(span: ReadableSpan) -> dict[str, Any]:
+    # `SpanRecord.to_dict`'s layout straight from the span, so that the writer thread builds no
+    # SpanRecord (a frozen dataclass costs as much to make as the JSON to write); `from_span` goes
+    # through it too, so a field named wrongly here fails there.
+    ctx = span.context
+    assert ctx is not None
+    parent = span.parent
+    status = span.status
+    start = span.start_time or 0
+    return {
+        "trace_id": f"{ctx.trace_id:032x}",
+        "span_id": f"{ctx.span_id:016x}",
+        "parent_id": None if parent is None else f"{parent.span_id:016x}",
+        "name": span.name,
+        "start_ns": start,
+        "end_ns": span.end_time or start,
+        "service": str(span.resource.attributes.get("service.name", "")),
+        "kind": span.kind.name,
+        "status": status.status_code.name,
+        "status_message": status.description or "",
+        "attributes": _plain(span.attributes),
+        "events": [{"name": e.name, "time_ns": e.timestamp, "attributes": _plain(e.attributes)} for e in span.events],
+    }
+
+
+_JSON: Final = json.JSONEncoder(separators=(",", ":"))
+
+
+def _dumps(d: dict[str, Any]) -> bytes:
+    """A span dict as JSON: orjson (a tenth of json's time), json where the two would read back apart."""
+    try:
+        out = orjson.dumps(d)
+    except TypeError:  # orjson refuses ints past 64 bits and lone surrogates; json writes both
+        return _JSON.encode(d).encode()
+    # orjson writes NaN and infinities as null, json as NaN and Infinity, which it reads back as floats.
+    # Any null beyond a root's parent id may be one (or is None in a list, or the word in a string):
+    # json then decides, at json's cost, for what is rare.
+    if out.count(b"null") > (d["parent_id"] is None):
+        return _JSON.encode(d).encode()
+    return out
+
+
+_WRITE_SCRIPT: Final = resources.files(__package__).joinpath("store.lua").read_text()
 
 
 class _Keys:
@@ -148,7 +185,7 @@ class TraceStoreProcessor(SpanProcessor):
         client: a synchronous Redis client; only the writer thread uses it.
         retention_s: how long a trace is kept after its newest span ended.
         max_buffer: spans held for writing; past it new spans are dropped and counted in `dropped`.
-        batch_size: spans per pipelined write; a full batch wakes the writer early.
+        batch_size: spans per write; a full batch wakes the writer early.
         flush_interval_s: the longest a finished span waits before it is written.
         clock: epoch seconds, for trimming the recent-trace indexes (tests pass a fixed clock).
     """
@@ -171,6 +208,7 @@ class TraceStoreProcessor(SpanProcessor):
         self._interval = flush_interval_s
         self._keys = _Keys(prefix)
         self._clock = clock
+        self._script = client.register_script(_WRITE_SCRIPT)
         self._buffer: deque[ReadableSpan] = deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
@@ -228,7 +266,7 @@ class TraceStoreProcessor(SpanProcessor):
             while self._buffer:
                 batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
                 try:
-                    self._write([SpanRecord.from_span(s) for s in batch])
+                    self._write(batch)
                     self.written += len(batch)
                 except Exception as exc:  # the store is best-effort; it must never take the process down
                     self.dropped += len(batch)
@@ -237,41 +275,39 @@ class TraceStoreProcessor(SpanProcessor):
                 with self._idle:
                     self._idle.notify_all()
 
-    def _write(self, records: Sequence[SpanRecord]) -> None:
-        keys = self._keys
-        pipe = self._client.pipeline(transaction=False)
-        touched: set[str] = {keys.recent()}
-        for r in records:
-            expire_at = r.end_ns // 1_000_000 + self._retention_ms
-            start_s = r.start_ns / 1e9
-            pipe.hset(keys.spans(r.trace_id), r.span_id, r.to_json())
-            _expire(pipe, keys.spans(r.trace_id), expire_at)
-            job_id = r.attributes.get(Attr.JOB_ID)
-            if isinstance(job_id, str):
-                pipe.set(keys.job(job_id), r.trace_id)
-                _expire(pipe, keys.job(job_id), expire_at)
-            # LT: a trace is indexed by its earliest span, whichever order its spans arrive in.
-            pipe.zadd(keys.recent(), {r.trace_id: start_s}, lt=True)
-            model = r.attributes.get(Attr.GEN_AI_REQUEST_MODEL)
-            if isinstance(model, str):
-                pipe.zadd(keys.recent(model), {r.trace_id: start_s}, lt=True)
-                touched.add(keys.recent(model))
-        horizon = self._clock() - self._retention_ms / 1000
-        for key in touched:
-            pipe.zremrangebyscore(key, "-inf", f"({horizon}")
-        pipe.execute()
+    def _write(self, spans: Sequence[ReadableSpan]) -> None:
+        horizon = f"({self._clock() - self._retention_ms / 1000}"
+        for at in range(0, len(spans), _CHUNK):
+            self._write_chunk(spans[at : at + _CHUNK], horizon)
+
+    def _write_chunk(self, spans: Sequence[ReadableSpan], horizon: str) -> None:
+        keys, retention_ms = self._keys, self._retention_ms
+        args: list[str | bytes | int | float] = [keys.prefix, horizon]
+        traces: set[str] = set()
+        jobs: set[str] = set()
+        models: set[str] = set()
+        for span in spans:
+            d = _span_dict(span)
+            trace_id, attributes = d["trace_id"], d["attributes"]
+            job = attributes.get(Attr.JOB_ID)
+            model = attributes.get(Attr.GEN_AI_REQUEST_MODEL)
+            job = job if isinstance(job, str) else ""
+            model = model if isinstance(model, str) else ""
+            expire_at = d["end_ns"] // 1_000_000 + retention_ms
+            args += (trace_id, d["span_id"], _dumps(d), expire_at, d["start_ns"] / 1e9, job, model)
+            traces.add(trace_id)
+            jobs.add(job)
+            models.add(model)
+        jobs.discard("")  # store.lua reads an empty job id or model as none
+        models.discard("")
+        declared = [keys.recent(), *map(keys.spans, traces), *map(keys.job, jobs), *map(keys.recent, models)]
+        self._script(keys=declared, args=args)
 
 
 def _fail_fast_client(url: str) -> redis.Redis:
     # redis-py retries a refused connection with backoff for seconds by default; the next batch (or
     # the user's next command) is the retry here.
     return redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=Retry(NoBackoff(), 0))
-
-
-def _expire(pipe: redis.client.Pipeline, key: str, at_ms: int) -> None:
-    # NX gives a fresh key its expiry, GT only ever extends it, so spans may arrive in any order.
-    pipe.pexpireat(key, at_ms, nx=True)
-    pipe.pexpireat(key, at_ms, gt=True)
 
 
 class TraceStore:

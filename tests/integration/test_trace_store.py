@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -191,3 +192,67 @@ def test_every_span_is_written_when_the_store_keeps_up(client: redis.Redis):
     assert client.hlen(f"bp:traces:spans:{2000:032x}") == 1
     assert client.get("bp:traces:job:j1999") == f"{2000:032x}".encode()
     provider.shutdown()
+
+
+def test_an_expiry_is_only_ever_extended_by_a_later_batch(client: redis.Redis):
+    processor = TraceStoreProcessor(client, retention_s=3600, clock=lambda: NOW)
+    provider = make_provider(processor)
+    tracer = provider.get_tracer("test")
+    from opentelemetry import trace
+
+    now_ns = int(NOW * 1e9)
+    attrs = {Attr.JOB_ID: "job-x", Attr.GEN_AI_REQUEST_MODEL: "tiny"}
+    root = tracer.start_span("root", attributes=attrs, start_time=now_ns - 60 * 10**9)
+    root.end(end_time=now_ns - 10**9)
+    assert processor.force_flush(5_000)
+    # Exported later (another process, a slower exporter), but ended earlier than the root.
+    child = tracer.start_span(
+        "child", context=trace.set_span_in_context(root), attributes=attrs, start_time=now_ns - 50 * 10**9
+    )
+    child.end(end_time=now_ns - 40 * 10**9)
+    assert processor.force_flush(5_000)
+    expected = (now_ns - 10**9) // 10**6 + 3600 * 1000
+    trace_id = f"{1:032x}"
+    assert client.hlen(f"bp:traces:spans:{trace_id}") == 2
+    assert client.pexpiretime(f"bp:traces:spans:{trace_id}") == expected, "the newest span's end, not the last write's"
+    assert client.pexpiretime("bp:traces:job:job-x") == expected
+    assert client.get("bp:traces:job:job-x") == trace_id.encode()
+    provider.shutdown()
+
+
+def test_a_batch_larger_than_a_script_call_is_written_whole(client: redis.Redis):
+    from opentelemetry import trace
+
+    from blockpress.runtime.tracing.store import _CHUNK
+
+    size = 2 * _CHUNK + 100  # three script calls, one trace across all of them
+    processor = TraceStoreProcessor(client, retention_s=3600, batch_size=size, flush_interval_s=60, clock=lambda: NOW)
+    provider = make_provider(processor)
+    tracer = provider.get_tracer("test")
+    now_ns = int(NOW * 1e9)
+    attrs = {Attr.JOB_ID: "job-big", Attr.GEN_AI_REQUEST_MODEL: "tiny"}
+    root = tracer.start_span("root", attributes=attrs, start_time=now_ns - 100 * 10**9)
+    ctx = trace.set_span_in_context(root)
+    for i in range(size - 1):
+        # The first child to end (in the first call) ends last; the root, ended last (in the last
+        # call), started first: both must win over the calls in between.
+        child = tracer.start_span("child", context=ctx, attributes=attrs, start_time=now_ns - 90 * 10**9 + i)
+        child.end(end_time=now_ns - (2 if i == 0 else 30) * 10**9)
+    root.end(end_time=now_ns - 20 * 10**9)
+    assert processor.force_flush(30_000)
+    assert processor.written == size and processor.dropped == 0
+    trace_id = f"{1:032x}"
+    assert client.hlen(f"bp:traces:spans:{trace_id}") == size
+    assert client.pexpiretime(f"bp:traces:spans:{trace_id}") == (now_ns - 2 * 10**9) // 10**6 + 3600 * 1000
+    assert client.zscore("bp:traces:recent", trace_id) == pytest.approx((now_ns - 100 * 10**9) / 1e9)
+    assert client.zscore("bp:traces:recent:tiny", trace_id) == pytest.approx((now_ns - 100 * 10**9) / 1e9)
+    assert TraceStore(client).get_trace("job-big")[0].name == "root"
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("parent_id", [None, "2" * 16])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), 2**70, "é \ud800", [None, 1.5], "null", 1e-05])
+def test_span_json_reads_back_as_json_writes_it(parent_id: str | None, value: Any):
+    record = SpanRecord("0" * 32, "1" * 16, parent_id, "n", 1, 2, attributes={"v": value})
+    expected = SpanRecord.from_json(json.dumps(record.to_dict()))
+    assert repr(SpanRecord.from_json(record.to_json())) == repr(expected)  # repr: NaN is not equal to itself

@@ -155,9 +155,7 @@ def _batch(
     for i, rest in enumerate(rests):
         ids_t[i, : len(rest)] = torch.tensor(rest)
         mask[i, : len(rest)] = 1
-    return _Batch(
-        torch.tensor([shared]), ids_t, mask, torch.tensor(rows), torch.tensor(starts), torch.tensor(targets)
-    )
+    return _Batch(torch.tensor([shared]), ids_t, mask, torch.tensor(rows), torch.tensor(starts), torch.tensor(targets))
 
 
 def _noise(b: _Batch, vocab: int, digits: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
