@@ -10,8 +10,12 @@ One run, one small checkpoint (a random-weight tiny DiffusionGemma unless --chec
    latency per job = service wall time - bare engine wall time of the same job. A second figure
    subtracts the engine time the replica itself measured, which removes engine run-to-run noise.
 2. Admission. `--submits` Submit calls from one asyncio client with `--concurrency` in flight;
-   prints the accepted submits per second. These jobs carry a short deadline, so the replica skips
-   them as EXPIRED afterwards instead of running them.
+   prints the accepted submits per second, twice. First with the replica process stopped (SIGSTOP)
+   for the burst: on a cluster the replicas run on their own GPU nodes, while here they would take
+   the same two cores as the gateway, so this is the gateway's own admission rate, on cores shared
+   only with the client and Redis. Then with the replica running beside it, claiming and running the
+   burst's jobs on the same cores, for comparison. The jobs carry a short deadline, so whatever the
+   replica has not run by then ends EXPIRED.
 
 Targets on the 2-core development machine: added p50 <= 5 ms, p99 <= 10 ms; >= 2,000 submits/s.
 The latency part also prints where the added time goes, hop by hop, from the job record's clocks.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -126,7 +131,7 @@ def latency(address: str, checkpoint: str, jobs: int) -> None:
         print(f"  NOT FINISHED within 30 s: {line}")
 
 
-async def admission(address: str, submits: int, concurrency: int) -> None:
+async def admission(address: str, submits: int, concurrency: int, label: str) -> None:
     accepted = refused = 0
     async with AsyncClient(address, retries=0) as client:
         await client.submit("warm up", timeout=2.0, max_new_tokens=1)
@@ -145,9 +150,34 @@ async def admission(address: str, submits: int, concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
     print(
-        f"admission: {accepted} submits accepted ({refused} refused) in {elapsed:.2f} s = "
+        f"admission, {label}: {accepted} submits accepted ({refused} refused) in {elapsed:.2f} s = "
         f"{accepted / elapsed:,.0f} submits/s with {concurrency} in flight (target >= 2,000)"
     )
+
+
+def admission_paused(address: str, submits: int, concurrency: int, redis_url: str, pid: int, model: str) -> None:
+    """`admission` with the replica stopped for the burst, right after one of its liveness beats, so that
+    the gateway goes on counting it live (a beat younger than LIVE_WINDOW_S) while it is stopped."""
+    import redis as sync_redis
+
+    from blockpress.runtime.contracts.keys import Keys
+    from blockpress.runtime.queue.jobqueue import LIVE_WINDOW_S
+
+    with sync_redis.Redis.from_url(redis_url) as r:
+        give_up = time.monotonic() + 10
+        while time.monotonic() < give_up:
+            beats = [float(v) for v in r.hvals(Keys().replicas(model))]
+            if beats and time.time() - max(beats) < 0.1:
+                break
+            time.sleep(0.01)
+        beat_at = max(beats)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        asyncio.run(admission(address, submits, concurrency, "replica stopped"))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    if time.time() - beat_at > LIVE_WINDOW_S:
+        print(f"  (the burst outlasted the live window of {LIVE_WINDOW_S} s: lower --submits for this machine)")
 
 
 def main() -> int:
@@ -182,7 +212,9 @@ def main() -> int:
                 f"service: gateway pid {gateway.pid} on {address}, 1 replica, redis {redis.url}, {os.cpu_count()} CPUs"
             )
             latency(address, checkpoint, args.jobs)
-            asyncio.run(admission(address, args.submits, args.concurrency))
+            [info] = pool.infos()
+            admission_paused(address, args.submits, args.concurrency, redis.url, info["pid"], info["model"])
+            asyncio.run(admission(address, args.submits, args.concurrency, "replica running beside it"))
         finally:
             if gateway is not None:
                 gateway.terminate()

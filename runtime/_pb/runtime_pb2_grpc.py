@@ -44,6 +44,11 @@ class RuntimeStub:
                 request_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=blockpress_dot_v1_dot_runtime__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_unary(
+                '/blockpress.v1.Runtime/Run',
+                request_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=blockpress_dot_v1_dot_runtime__pb2.JobEvent.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/blockpress.v1.Runtime/Watch',
                 request_serializer=blockpress_dot_v1_dot_runtime__pb2.WatchRequest.SerializeToString,
@@ -84,6 +89,15 @@ class RuntimeServicer:
     def Generate(self, request, context):
         """Queues a job and streams its events until its final event (completed, failed, cancelled, expired,
         dead_lettered). Cancelling the call does not cancel the job; use Cancel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Run(self, request, context):
+        """Queues a job and answers with its final event only, once the job has ended: Generate for a client
+        that waits for the result and needs no stream (one reply instead of a message per event). The
+        call's deadline bounds the wait, not the job: a job still running then goes on; Watch it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +149,11 @@ def add_RuntimeServicer_to_server(servicer, server):
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
+                    request_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.FromString,
+                    response_serializer=blockpress_dot_v1_dot_runtime__pb2.JobEvent.SerializeToString,
+            ),
+            'Run': grpc.unary_unary_rpc_method_handler(
+                    servicer.Run,
                     request_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.FromString,
                     response_serializer=blockpress_dot_v1_dot_runtime__pb2.JobEvent.SerializeToString,
             ),
@@ -216,6 +235,33 @@ class Runtime:
             request,
             target,
             '/blockpress.v1.Runtime/Generate',
+            blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
+            blockpress_dot_v1_dot_runtime__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockpress.v1.Runtime/Run',
             blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
             blockpress_dot_v1_dot_runtime__pb2.JobEvent.FromString,
             options,

@@ -105,6 +105,7 @@ class EventFanout:
         self._reader: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
         self._blocked_id: int | None = None
+        self._reader_id: int | None = None
         self._waking: asyncio.Task[None] | None = None
 
     @property
@@ -170,7 +171,9 @@ class EventFanout:
     async def _drain(self, sub: _Subscriber) -> AsyncIterator[Event]:
         while True:
             try:
-                await asyncio.wait_for(sub.ready.wait(), self.idle_check_s)
+                # A timeout scope rather than wait_for, which wraps the wait in a task of its own per event.
+                async with asyncio.timeout(self.idle_check_s):
+                    await sub.ready.wait()
             except TimeoutError:
                 async with self._slots:
                     if not await self.queue.redis.exists(self.queue.keys.job(sub.job_id)):
@@ -220,6 +223,7 @@ class EventFanout:
             except RedisError:
                 return  # the reader meets the same trouble and reports it
             await asyncio.sleep(0.002)
+        self._reader_id = None  # never unblocked: the connection may have been replaced; ask again
 
     def _streams(self) -> dict[Any, Any]:
         keys = self.queue.keys
@@ -241,12 +245,16 @@ class EventFanout:
                 continue
             self._changed.clear()
             try:
-                client_id = int(await self._reader.client_id())
+                # The reader's id changes only with its connection; asked again after any failure.
+                if self._reader_id is None:
+                    self._reader_id = int(await self._reader.client_id())
+                client_id = self._reader_id
                 if self._changed.is_set():
                     continue  # the set changed meanwhile: read the new one
                 self._blocked_id = client_id
                 reply: Any = await self._reader.xread(streams, count=_BATCH, block=self.block_ms)
             except (RedisError, OSError) as exc:
+                self._reader_id = None
                 log.warning("event fan-out: Redis read failed (%s); %d open streams told", exc, self.open_streams)
                 for subs in self._subs.values():
                     for sub in subs:

@@ -59,6 +59,19 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
         except BaseException as exc:
             await _abort(context, exc)
 
+    async def Run(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.JobEvent:
+        try:
+            with self.gw.stream_cap.hold(client_of(context)):  # open as long as a stream: counted as one
+                spec = await self.gw.admit(request, context)
+                record, created = await self.gw.queue.submit(spec)
+                log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
+                async for event in self.gw.follow(record.job_id, "0"):
+                    if event.is_final:
+                        return convert.event_to_pb(record.job_id, event)
+        except BaseException as exc:
+            await _abort(context, exc)
+        raise AssertionError("follow() ends only after the final event")
+
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
         try:
             after = validate_event_id(request.after_event_id)

@@ -188,10 +188,15 @@ class AsyncClient:
     async def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Result:
         """Runs a generation to its end; returns the `Result` or raises the `JobError` it ended in."""
         request, timeout = _generation_call(prompt, options)
-        final = None
-        async for event in self._follow(request.job_id, timeout, first=request):
-            final = event
-        assert final is not None  # _follow ends only after a final event
+        try:
+            # One unary reply with the final event: no message per event to write and read on the way.
+            final = convert.event_from_pb(await self._call(self._stub.Run, request, timeout))
+        except BlockPressError as err:
+            if err.code is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A gateway older than Run (a rolling upgrade): the event stream ends the same way.
+            async for event in self._follow(request.job_id, timeout, first=request):
+                final = event
         return outcome(request.job_id, final)
 
     async def submit_agent(

@@ -246,6 +246,41 @@ def test_async_client_end_to_end(gw: GatewayThread) -> None:
     asyncio.run(main())
 
 
+def test_run_answers_with_the_final_event_and_generate_falls_back_to_the_stream(gw: GatewayThread) -> None:
+    import grpc
+
+    from blockpress.runtime._pb import runtime_pb2 as pb
+    from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
+    from blockpress.runtime.convert import generation_request
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            stub = pb_grpc.RuntimeStub(channel)
+            request = generation_request("run me", settings=FAST)
+            final = await stub.Run(request, timeout=120)
+            assert final.job_id == request.job_id and final.WhichOneof("event") == "completed"
+            again = await stub.Run(request, timeout=120)  # the same job: its final event again
+            assert again.id == final.id and again.completed.text == final.completed.text
+            events = [e async for e in stub.Watch(pb.WatchRequest(job_id=request.job_id), timeout=120)]
+            assert events[-1].id == final.id and [e.WhichOneof("event") for e in events].count("completed") == 1
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Run(generation_request("", settings=FAST), timeout=30)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        async with AsyncClient(gw.address, timeout=120) as ac:
+            by_run = await ac.generate("same seed", **FAST)
+            # A gateway without Run answers UNIMPLEMENTED (a real one, for a method it does not have):
+            # the SDK then follows the event stream, with the same outcome.
+            ac._stub.Run = ac._channel.unary_unary(
+                "/blockpress.v1.Runtime/NoSuchMethod",
+                request_serializer=pb.SubmitRequest.SerializeToString,
+                response_deserializer=pb.JobEvent.FromString,
+            )
+            by_stream = await ac.generate("same seed", **FAST)
+            assert by_stream.job_id != by_run.job_id and by_stream.text == by_run.text
+
+    asyncio.run(main())
+
+
 def test_unreachable_gateway_is_unavailable_after_retries() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -144,7 +144,7 @@ async def test_a_job_leaves_one_trace_with_the_expected_shape(redis_server: Any,
             result = await client.generate("The trace of one job", **SETTINGS)
             done_ns = time.time_ns()
             with redis.Redis.from_url(redis_server.url) as reader:
-                names = {SpanName.REPLICA_RUN, "gateway.Generate"}
+                names = {SpanName.REPLICA_RUN, "gateway.Run"}  # generate() waits with one unary Run call
                 spans = await asyncio.to_thread(wait_for_trace, TraceStore(reader), result.job_id, names=names)
             # The SDK and the CLI get the same trace from the gateway.
             assert await client.trace(result.job_id) == spans
@@ -162,7 +162,7 @@ async def test_a_job_leaves_one_trace_with_the_expected_shape(redis_server: Any,
     canvases = result.canvases
     assert canvases >= 1
     assert tree(spans) == [
-        (0, "gateway.Generate"),
+        (0, "gateway.Run"),
         (1, SpanName.QUEUE_WAIT),
         (1, SpanName.REPLICA_RUN),
         (2, SpanName.ENGINE_PREFILL),
@@ -174,9 +174,9 @@ async def test_a_job_leaves_one_trace_with_the_expected_shape(redis_server: Any,
     for s in spans:
         by_name[s.name].append(s)
     [root], [wait], [run], [prefill] = (
-        by_name[n] for n in ("gateway.Generate", "queue.wait", "replica.run", "engine.prefill")
+        by_name[n] for n in ("gateway.Run", "queue.wait", "replica.run", "engine.prefill")
     )
-    assert root.attributes[Attr.RPC_SYSTEM] == "grpc" and root.attributes[Attr.RPC_METHOD] == "Generate"
+    assert root.attributes[Attr.RPC_SYSTEM] == "grpc" and root.attributes[Attr.RPC_METHOD] == "Run"
     assert root.attributes[Attr.RPC_SERVICE] == "blockpress.v1.Runtime"
     assert root.attributes[Attr.RPC_GRPC_STATUS_CODE] == 0
     for span in (wait, run):
