@@ -7,6 +7,7 @@ Redis being unreachable is UNAVAILABLE, never UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
@@ -65,9 +66,11 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
                 spec = await self.gw.admit(request, context)
                 record, created = await self.gw.queue.submit(spec)
                 log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
-                async for event in self.gw.follow(record.job_id, "0"):
-                    if event.is_final:
-                        return convert.event_to_pb(record.job_id, event)
+                # Closed at once on return: the stream's subscription ends now, not when it is collected.
+                async with contextlib.aclosing(self.gw.follow(record.job_id, "0")) as events:
+                    async for event in events:
+                        if event.is_final:
+                            return convert.event_to_pb(record.job_id, event)
         except BaseException as exc:
             await _abort(context, exc)
         raise AssertionError("follow() ends only after the final event")

@@ -79,7 +79,7 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
         bearer = request.headers.get("authorization") or ""
         if bearer.startswith("Bearer "):
             given = bearer.removeprefix("Bearer ").strip()
-        # Compared against every key in constant time, as the gRPC interceptor does.
+        # Compared against every key in constant time, as the gRPC handlers do.
         if not any([hmac.compare_digest(given.encode(), k) for k in keys]):
             raise Unauthenticated("authorization: send 'Authorization: Bearer <API key>' with a valid key")
 
