@@ -131,7 +131,14 @@ def latency(address: str, checkpoint: str, jobs: int) -> None:
         print(f"  NOT FINISHED within 30 s: {line}")
 
 
-async def admission(address: str, submits: int, concurrency: int, label: str) -> None:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process `pid` has used: a figure machine noise moves
+    far less than a rate does."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def admission(address: str, submits: int, concurrency: int, label: str, gateway_pid: int) -> None:
     accepted = refused = 0
     async with AsyncClient(address, retries=0) as client:
         await client.submit("warm up", timeout=2.0, max_new_tokens=1)
@@ -146,16 +153,19 @@ async def admission(address: str, submits: int, concurrency: int, label: str) ->
                 except QueueFull:
                     refused += 1
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_s(gateway_pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_s(gateway_pid) - cpu0
     print(
         f"admission, {label}: {accepted} submits accepted ({refused} refused) in {elapsed:.2f} s = "
-        f"{accepted / elapsed:,.0f} submits/s with {concurrency} in flight (target >= 2,000)"
+        f"{accepted / elapsed:,.0f} submits/s with {concurrency} in flight (target >= 2,000); "
+        f"gateway CPU {cpu / max(accepted + refused, 1) * 1e6:.0f} us per submit"
     )
 
 
-def admission_paused(address: str, submits: int, concurrency: int, redis_url: str, pid: int, model: str) -> None:
+def admission_paused(
+    address: str, submits: int, concurrency: int, redis_url: str, pid: int, model: str, gateway_pid: int
+) -> None:
     """`admission` with the replica stopped for the burst, right after one of its liveness beats, so that
     the gateway goes on counting it live (a beat younger than LIVE_WINDOW_S) while it is stopped."""
     import redis as sync_redis
@@ -173,7 +183,7 @@ def admission_paused(address: str, submits: int, concurrency: int, redis_url: st
         beat_at = max(beats)
     os.kill(pid, signal.SIGSTOP)
     try:
-        asyncio.run(admission(address, submits, concurrency, "replica stopped"))
+        asyncio.run(admission(address, submits, concurrency, "replica stopped", gateway_pid))
     finally:
         os.kill(pid, signal.SIGCONT)
     if time.time() - beat_at > LIVE_WINDOW_S:
@@ -213,8 +223,10 @@ def main() -> int:
             )
             latency(address, checkpoint, args.jobs)
             [info] = pool.infos()
-            admission_paused(address, args.submits, args.concurrency, redis.url, info["pid"], info["model"])
-            asyncio.run(admission(address, args.submits, args.concurrency, "replica running beside it"))
+            admission_paused(
+                address, args.submits, args.concurrency, redis.url, info["pid"], info["model"], gateway.pid
+            )
+            asyncio.run(admission(address, args.submits, args.concurrency, "replica running beside it", gateway.pid))
         finally:
             if gateway is not None:
                 gateway.terminate()

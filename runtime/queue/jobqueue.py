@@ -59,6 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from blockpress.runtime.contracts.errors import JobFinished, JobIdConflict, JobNotFound, QueueFull
 from blockpress.runtime.contracts.jobs import FINAL_EVENT_TYPES, Event, JobRecord, JobSpec, JobState, dumps, loads
 from blockpress.runtime.contracts.keys import GROUP, JobField, Keys
+from blockpress.runtime.queue.batch import ScriptBatch
 from blockpress.runtime.queue.claim import Claim
 from blockpress.runtime.queue.scripts import NAMES, final_event_data, fingerprint, job_of, script
 from blockpress.runtime.queue.scripts import text as _s
@@ -105,17 +106,22 @@ class JobQueue:
         self.retry_after_s = retry_after_s
         self.keys = keys or Keys()
         self._scripts = {name: redis_client.register_script(script(name)) for name in NAMES}
+        self._submits = ScriptBatch(redis_client, self._scripts["submit"])
         self._groups: set[str] = set()
         self._autoclaim_cursor: dict[str, str] = {}
         self._own_done: set[tuple[str, str]] = set()  # (model, consumer)s whose own pending entries were taken
 
     async def _run(self, name: str, job_id: str, model: str, *args: Any) -> Any:
+        keys, argv = self._call(job_id, model, args)
+        return await self._scripts[name](keys=keys, args=argv)
+
+    def _call(self, job_id: str, model: str, args: tuple[Any, ...]) -> tuple[list[str], list[Any]]:
+        """The keys and arguments every script takes (`scripts.py`), then `args`."""
         k = self.keys
         keys = [
             k.job(job_id), k.events(job_id), k.queue(model), k.queued(model), k.dead_letter(model), k.deadlines(model)
         ]  # fmt: skip
-        argv = [repr(time.time()), self.retention_s, GROUP, *args]
-        return await self._scripts[name](keys=keys, args=argv)
+        return keys, [repr(time.time()), self.retention_s, GROUP, *args]
 
     # ---- gateway side -------------------------------------------------------------------------------
 
@@ -127,11 +133,13 @@ class JobQueue:
             JobIdConflict: the id already names a job whose request differs from `spec`.
         """
         deadline = "" if spec.deadline is None else repr(float(spec.deadline))
-        created, info = await self._run(
-            "submit", spec.job_id, spec.model,
+        keys, argv = self._call(spec.job_id, spec.model, (
             spec.job_id, dumps(spec.to_dict()), spec.model, repr(float(spec.submitted_at)), deadline,
             self.max_queue_per_model, dumps({"model": spec.model}), fingerprint(spec),
-        )  # fmt: skip
+        ))  # fmt: skip
+        # Pipelined with the other submits of this event-loop turn (`batch.py`): a burst of submits
+        # costs Redis round trips per turn, not per job.
+        created, info = await self._submits.call(keys, argv)
         if created == -2:
             raise JobIdConflict(spec.job_id)
         if created == -1:
