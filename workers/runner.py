@@ -157,12 +157,22 @@ class JobRunner:
             if expired.is_set() and ending.state is JobState.CANCELLED:
                 # Stopped by its deadline, not by the client: EXPIRED, as a queued job past it.
                 ending = Ending(JobState.EXPIRED, None, None)
-        finally:
-            # Stopped by an event, not Task.cancel(): redis-py may turn a cancellation that lands
-            # mid-command into a ConnectionError, which the watcher rides out as transient, and
-            # the watcher would then heartbeat a finished job forever.
+        except BaseException:
             done.set()
             await watcher
+            raise
+        # Stopped by an event, not Task.cancel(): redis-py may turn a cancellation that lands
+        # mid-command into a ConnectionError, which the watcher rides out as transient, and the
+        # watcher would then heartbeat a finished job forever. Awaited only after the final write,
+        # which is not held up by its last wake-up: the write is fenced by the attempt either way.
+        done.set()
+        try:
+            return await self._end(claim, ending, lost)
+        finally:
+            await watcher
+
+    async def _end(self, claim: Claim, ending: Ending, lost: asyncio.Event) -> Ending:
+        """Writes how the job ended (with its last events), unless a newer attempt owns it."""
         if ending.state is not JobState.SUCCEEDED and claim.spec.session_id:
             # A generation that did not finish may have left its cache half-written: start over.
             self.sessions.drop(claim.spec.session_id)
@@ -278,7 +288,8 @@ class JobRunner:
         next_sweep = time.monotonic()
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), self.cancel_poll_s)
+                async with asyncio.timeout(self.cancel_poll_s):  # no task per wait, as wait_for makes
+                    await done.wait()
             if done.is_set():
                 return
             deadline = claim.spec.deadline

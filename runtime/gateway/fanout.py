@@ -266,7 +266,10 @@ class EventFanout:
             finally:
                 self._blocked_id = None
             backoff = 0.05
-            self._dispatch(reply or ())
+            if reply:
+                self._dispatch(reply)
+                # The woken calls send their events before this task packs and sends the next read.
+                await asyncio.sleep(0)
 
     def _dispatch(self, reply: Any) -> None:
         prefix_len = len(self.queue.keys.events(""))
