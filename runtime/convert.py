@@ -16,14 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
-
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime.contracts.errors import InvalidArgument
 from blockpress.runtime.contracts.jobs import Event, EventType, JobRecord, JobState, new_job_id
 from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.runtime.pbdata import fill_message, is_repeated, message_to_dict
 from blockpress.runtime.sdk.records import Job, ModelInfo
 from blockpress.runtime.sdk.results import result_of
 
@@ -61,36 +58,6 @@ _STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in Job
 _STATE_NAMES = {number: state for state, number in _STATES.items()}
 
 
-def _is_repeated(field: FieldDescriptor) -> bool:
-    # protobuf 7 dropped `label`; 5.x (the oldest release pyproject allows) lacks `is_repeated`.
-    return field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
-
-
-def message_to_dict(msg: Message) -> dict[str, Any]:
-    """A message as plain data keyed by proto field names, with Python numbers.
-
-    Fields without presence appear with their defaults, as in `MessageToDict(...,
-    always_print_fields_with_no_presence=True)`; unset messages, optional fields and oneof members are
-    left out; an enum gives its value's name.
-    """
-    out: dict[str, Any] = {}
-    for field in msg.DESCRIPTOR.fields:
-        value = getattr(msg, field.name)
-        if _is_repeated(field):
-            out[field.name] = [_value(field, v) for v in value]
-        elif not field.has_presence or msg.HasField(field.name):
-            out[field.name] = _value(field, value)
-    return out
-
-
-def _value(field: FieldDescriptor, value: Any) -> Any:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return message_to_dict(value)
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        return field.enum_type.values_by_number[value].name
-    return value
-
-
 # ---- settings ------------------------------------------------------------------------------------------
 
 
@@ -99,7 +66,7 @@ def settings_from_pb(msg: pb.Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in SETTING_NAMES:
         value = getattr(msg, name)
-        if _is_repeated(msg.DESCRIPTOR.fields_by_name[name]):
+        if is_repeated(msg.DESCRIPTOR.fields_by_name[name]):
             if value:
                 out[name] = list(value)
         elif msg.HasField(name):
@@ -114,7 +81,7 @@ def settings_to_pb(settings: Mapping[str, Any], out: pb.Settings, *, where: str 
             raise InvalidArgument(f"{where}.{name}", f"unknown setting; known: {', '.join(sorted(SETTING_NAMES))}")
         if value is None:
             continue
-        if _is_repeated(out.DESCRIPTOR.fields_by_name[name]):
+        if is_repeated(out.DESCRIPTOR.fields_by_name[name]):
             getattr(out, name).extend(value)
         else:
             setattr(out, name, value)
@@ -274,7 +241,7 @@ def state_from_pb(value: int) -> JobState:
 def _completed_to_pb(data: Mapping[str, Any], out: pb.Completed) -> None:
     # Tool calls carry `arguments` as a mapping while the proto has `arguments_json`: ParseDict with
     # ignore_unknown_fields would drop them silently.
-    json_format.ParseDict({k: v for k, v in data.items() if k != "tool_calls"}, out, ignore_unknown_fields=True)
+    fill_message({k: v for k, v in data.items() if k != "tool_calls"}, out)
     for call in data.get("tool_calls") or ():
         out.tool_calls.add(name=call["name"], arguments_json=json.dumps(call.get("arguments") or {}))
 
@@ -291,7 +258,7 @@ def event_to_pb(job_id: str, event: Event) -> pb.JobEvent:
     if event.type == EventType.COMPLETED:
         _completed_to_pb(event.data, out.completed)
     elif event.type in pb.JobEvent.DESCRIPTOR.fields_by_name:
-        json_format.ParseDict(event.data, getattr(out, event.type), ignore_unknown_fields=True)
+        fill_message(event.data, getattr(out, event.type))
     return out
 
 
@@ -323,7 +290,7 @@ def record_to_pb(record: JobRecord) -> pb.Job:
     if record.result is not None:
         _completed_to_pb(record.result, job.result)
     if record.error is not None:
-        json_format.ParseDict(record.error, job.error, ignore_unknown_fields=True)
+        fill_message(record.error, job.error)
     return job
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -157,10 +157,12 @@ class EventFanout:
         self._subs.setdefault(job_id, set()).add(sub)
         self._wake()
         try:
-            async for event in self._drain(sub):
-                yield event
-                if event.is_final:
-                    return
+            # Closed here, not left to the garbage collector's finalizer task.
+            async with contextlib.aclosing(self._drain(sub)) as drained:
+                async for event in drained:
+                    yield event
+                    if event.is_final:
+                        return
         finally:
             subs = self._subs.get(job_id)
             if subs is not None:
@@ -168,7 +170,7 @@ class EventFanout:
                 if not subs:
                     del self._subs[job_id]
 
-    async def _drain(self, sub: _Subscriber) -> AsyncIterator[Event]:
+    async def _drain(self, sub: _Subscriber) -> AsyncGenerator[Event]:
         while True:
             try:
                 # A timeout scope rather than wait_for, which wraps the wait in a task of its own per event.

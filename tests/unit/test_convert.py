@@ -16,6 +16,7 @@ from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime.contracts.errors import InvalidArgument
 from blockpress.runtime.contracts.jobs import Event, JobRecord, JobSpec
 from blockpress.runtime.contracts.settings import DenoiseSettings
+from blockpress.runtime.pbdata import is_repeated
 from blockpress.runtime.sdk.options import Settings
 from blockpress.runtime.sdk.results import outcome
 from blockpress.runtime.tracing.store import SpanEventRecord, SpanRecord
@@ -46,10 +47,10 @@ def test_denoise_settings_and_the_proto_agree_field_for_field() -> None:
         kind, field = _unoptional(hints[name]), wire[name]
         if typing.get_origin(kind) is tuple:  # a list of values: a repeated field of the element's type
             (element, _) = typing.get_args(kind)
-            assert convert._is_repeated(field) and field.type in _PB_TYPES[element], name
+            assert is_repeated(field) and field.type in _PB_TYPES[element], name
         else:
             # Presence tells "unset: the checkpoint's default" apart from an explicit zero.
-            assert not convert._is_repeated(field) and field.has_presence, name
+            assert not is_repeated(field) and field.has_presence, name
             assert field.type in _PB_TYPES[kind], name
 
 
@@ -127,6 +128,26 @@ def test_every_event_comes_back_as_it_went_out() -> None:
     back = convert.event_from_pb(convert.event_to_pb("j", Event("1-0", "completed", payloads["completed"], 1.0)))
     # 64-bit numbers come back as ints, not as the strings of protobuf's JSON form.
     assert back.data["token_ids"] == [1, 2**40] and type(back.data["usage"]["prompt_tokens"]) is int
+
+
+def test_fill_message_sets_what_parse_dict_sets() -> None:
+    from google.protobuf import json_format
+
+    from blockpress.runtime.pbdata import fill_message
+
+    cases = [
+        (pb.Completed, {"text": "é", "token_ids": [3, 2**40], "usage": {"prompt_tokens": 5}, "newer_key": [1]}),
+        (pb.Failed, {"error": {"code": "X", "message": "m"}, "attempt": 2}),
+        (pb.Job, {"job_id": "j", "state": "JOB_STATE_RUNNING", "attempt": None}),
+        (pb.Completed, {"canvases": 2.0, "text": "an older writer's float in an int field"}),
+    ]
+    for cls, data in cases:
+        fast, reference = cls(), cls()
+        fill_message(data, fast)
+        json_format.ParseDict({k: v for k, v in data.items() if v is not None}, reference, ignore_unknown_fields=True)
+        assert fast == reference, data
+    with pytest.raises(json_format.ParseError):  # what ParseDict refuses is still refused
+        fill_message({"canvases": "many"}, pb.Completed())
 
 
 def test_client_tool_calls_survive_the_wire() -> None:
