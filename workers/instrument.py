@@ -26,16 +26,12 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def replica_span(claim: Claim) -> Iterator[trace.Span]:
-    """Records the delivery's `queue.wait` span and yields its current `replica.run` span."""
+    """Yields the job's current `replica.run` span, then records the delivery's `queue.wait` span.
+
+    The wait's times are known at the claim already; it is recorded after the run so that building it
+    is not on the way from the claim to the engine's first step.
+    """
     spec = claim.spec
-    record_queue_wait(
-        job_id=spec.job_id,
-        model=spec.model,
-        submitted_at=spec.submitted_at,
-        trace_context=spec.trace_context,
-        attempt=claim.attempt,
-        started_at=claim.claimed_at,
-    )
     attributes = {
         Attr.JOB_ID: spec.job_id,
         Attr.JOB_KIND: spec.kind,
@@ -53,6 +49,14 @@ def replica_span(claim: Claim) -> Iterator[trace.Span]:
             yield span
     finally:
         otel_context.detach(token)
+        record_queue_wait(
+            job_id=spec.job_id,
+            model=spec.model,
+            submitted_at=spec.submitted_at,
+            trace_context=spec.trace_context,
+            attempt=claim.attempt,
+            started_at=claim.claimed_at,
+        )
 
 
 def describe(span: trace.Span, ending: Ending) -> None:

@@ -129,14 +129,18 @@ class EventFanout:
             for sub in subs:
                 sub.fail(ConnectionError("the gateway is stopping"))
 
-    async def follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
+    async def follow(self, job_id: str, after: str, *, fresh: bool = False) -> AsyncGenerator[Event]:
         """The job's events after the event id `after` until its final one.
+
+        `fresh`: the caller has just created the job, so it exists and the shared read brings all its
+        events from `after`; the catch-up read and the record check (two Redis calls, on the path of
+        every new job, while its replica is starting it) are skipped.
 
         Raises:
             JobNotFound: no such job (or it was dropped by retention while followed).
             RedisError: Redis went away; the caller resumes from the last event it got.
         """
-        while True:  # catch up on what exists, on the normal pool
+        while not fresh:  # catch up on what exists, on the normal pool
             events = await self._read(job_id, after)
             for event in events:
                 yield event
@@ -145,9 +149,7 @@ class EventFanout:
                     return
             if len(events) < _BATCH:
                 break
-        async with self._slots:
-            record = await self.queue.get(job_id)
-        if record.state.is_final:
+        if not fresh and await self._is_final(job_id):
             # The final event either came after the read above (then it is read now) or the caller
             # is already at or past it (then it is sent again, so the stream ends as every one does).
             async for event in self._rest_or_last(job_id, after):
@@ -169,6 +171,10 @@ class EventFanout:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[job_id]
+
+    async def _is_final(self, job_id: str) -> bool:
+        async with self._slots:
+            return (await self.queue.get(job_id)).state.is_final
 
     async def _drain(self, sub: _Subscriber) -> AsyncGenerator[Event]:
         while True:

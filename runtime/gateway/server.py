@@ -18,7 +18,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncGenerator, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -183,10 +183,10 @@ class Gateway:
             raise ServiceUnavailable(f"no replica of model {spec.model!r} is live; retry shortly")
         return _with_seed(spec)
 
-    async def follow(self, job_id: str, after: str) -> AsyncIterator[Event]:
-        """The job's events after `after` until its final one (re-sent when `after` is at or past it)."""
-        async for event in self.fanout.follow(job_id, after):
-            yield event
+    def follow(self, job_id: str, after: str, *, fresh: bool = False) -> AsyncGenerator[Event]:
+        """The job's events after `after` until its final one (re-sent when `after` is at or past it);
+        `fresh` when the caller has just created the job (`EventFanout.follow`)."""
+        return self.fanout.follow(job_id, after, fresh=fresh)
 
     async def trace(self, job_id: str) -> list[SpanRecord]:
         """The kept spans of a job's (or a trace id's) trace; raises `TraceNotFound` when none is kept."""

@@ -55,7 +55,7 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
                 spec = await self.gw.admit(request, context)
                 record, created = await self.gw.queue.submit(spec)
                 log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
-                async for event in self.gw.follow(record.job_id, "0"):
+                async for event in self.gw.follow(record.job_id, "0", fresh=created):
                     yield convert.event_to_pb(record.job_id, event)
         except BaseException as exc:
             await _abort(context, exc)
@@ -67,7 +67,7 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
                 record, created = await self.gw.queue.submit(spec)
                 log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
                 # Closed at once on return: the stream's subscription ends now, not when it is collected.
-                async with contextlib.aclosing(self.gw.follow(record.job_id, "0")) as events:
+                async with contextlib.aclosing(self.gw.follow(record.job_id, "0", fresh=created)) as events:
                     async for event in events:
                         if event.is_final:
                             return convert.event_to_pb(record.job_id, event)
