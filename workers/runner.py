@@ -106,6 +106,7 @@ class JobRunner:
         self.jobs_done = 0
         self.current: str | None = None
         self._thread = _JobThread()
+        self._watchers: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event, *, block_ms: int = 1000) -> None:
         """Claims and runs jobs until `stop` is set; the job in hand is finished first (drain)."""
@@ -163,13 +164,13 @@ class JobRunner:
             raise
         # Stopped by an event, not Task.cancel(): redis-py may turn a cancellation that lands
         # mid-command into a ConnectionError, which the watcher rides out as transient, and the
-        # watcher would then heartbeat a finished job forever. Awaited only after the final write,
-        # which is not held up by its last wake-up: the write is fenced by the attempt either way.
+        # watcher would then heartbeat a finished job forever. Not awaited: the final write need not
+        # wait for its last wake-up, since the attempt fences the write either way; it is held until
+        # it has ended (the loop keeps only a weak reference to a task).
         done.set()
-        try:
-            return await self._end(claim, ending, lost)
-        finally:
-            await watcher
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return await self._end(claim, ending, lost)
 
     async def _end(self, claim: Claim, ending: Ending, lost: asyncio.Event) -> Ending:
         """Writes how the job ended (with its last events), unless a newer attempt owns it."""
