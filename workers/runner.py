@@ -111,10 +111,15 @@ class JobRunner:
     async def run(self, stop: asyncio.Event, *, block_ms: int = 1000) -> None:
         """Claims and runs jobs until `stop` is set; the job in hand is finished first (drain)."""
         backoff = 0.1
+        chores_due = 0.0
         while not stop.is_set():
             try:
-                await self.queue.beat(self.model, self.replica_id)
-                await self.queue.expire_due(self.model)
+                if time.monotonic() >= chores_due:
+                    # The liveness beat and the deadline sweep, at most every _SWEEP_S rather than
+                    # before every claim: back-to-back short jobs paid two round trips each for them.
+                    await self.queue.beat(self.model, self.replica_id)
+                    await self.queue.expire_due(self.model)
+                    chores_due = time.monotonic() + _SWEEP_S
                 claim = await self.queue.claim(self.model, self.replica_id, block_ms=block_ms)
                 backoff = 0.1
             except TRANSIENT_ERRORS as exc:
