@@ -24,6 +24,7 @@ from blockpress.runtime.gateway.streamcap import client_of
 from blockpress.runtime.gateway.validation import validate_event_id
 
 if TYPE_CHECKING:
+    from blockpress.runtime.contracts.jobs import JobRecord
     from blockpress.runtime.gateway.server import Gateway
 
 __all__ = ["RuntimeServicer"]
@@ -39,22 +40,28 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
 
     async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
         try:
-            spec = await self.gw.admit(request, context)
-            record, created = await self.gw.queue.submit(spec)
+            record, created = await self._queue(request, context, again="resubmitted")
         except BaseException as exc:
             await _abort(context, exc)
-        log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "resubmitted", spec.model)
         state = convert.state_to_pb(record.state)
         return pb.SubmitResponse(job_id=record.job_id, model=record.model, state=state, created=created)
+
+    async def _queue(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext, *, again: str
+    ) -> tuple[JobRecord, bool]:
+        """Admits and queues a submit request: its job and whether this call created it (`again` is
+        what the log line says when the job id already named a job)."""
+        spec = await self.gw.admit(request, context)
+        record, created = await self.gw.queue.submit(spec)
+        log.info("job %s %s for model %s", spec.job_id, "accepted" if created else again, spec.model)
+        return record, created
 
     async def Generate(
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.JobEvent]:
         try:
             with self.gw.stream_cap.hold(client_of(context)):
-                spec = await self.gw.admit(request, context)
-                record, created = await self.gw.queue.submit(spec)
-                log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
+                record, created = await self._queue(request, context, again="rejoined")
                 async for event in self.gw.follow(record.job_id, "0", fresh=created):
                     yield convert.event_to_pb(record.job_id, event)
         except BaseException as exc:
@@ -63,9 +70,7 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
     async def Run(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.JobEvent:
         try:
             with self.gw.stream_cap.hold(client_of(context)):  # open as long as a stream: counted as one
-                spec = await self.gw.admit(request, context)
-                record, created = await self.gw.queue.submit(spec)
-                log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "rejoined", spec.model)
+                record, created = await self._queue(request, context, again="rejoined")
                 # Closed at once on return: the stream's subscription ends now, not when it is collected.
                 async with contextlib.aclosing(self.gw.follow(record.job_id, "0", fresh=created)) as events:
                     async for event in events:

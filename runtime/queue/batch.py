@@ -1,4 +1,4 @@
-"""`ScriptBatch`: calls of one Lua script made in the same event-loop turn, sent to Redis as one pipeline.
+"""`ScriptBatch`: calls of one Lua script pipelined, the calls made while one pipeline is in flight in the next.
 
 A gateway under a burst of submits made one script call per submit, and redis-py's per-call work
 (taking a pooled connection, a send, a read, the retry wrapper) cost more than the script itself: on
@@ -24,7 +24,7 @@ __all__ = ["ScriptBatch"]
 
 
 class ScriptBatch:
-    """Runs `script` for each `call`, pipelining the calls of one event-loop turn.
+    """Runs `script` for each `call`: one pipeline in flight, the calls made meanwhile in the next.
 
     Args:
         redis: the client whose pool lends the pipeline its connection.

@@ -137,8 +137,8 @@ class JobQueue:
             spec.job_id, dumps(spec.to_dict()), spec.model, repr(float(spec.submitted_at)), deadline,
             self.max_queue_per_model, dumps({"model": spec.model}), fingerprint(spec),
         ))  # fmt: skip
-        # Pipelined with the other submits of this event-loop turn (`batch.py`): a burst of submits
-        # costs Redis round trips per turn, not per job.
+        # Pipelined with the submits made while the previous pipeline was in flight (`batch.py`): a
+        # burst of submits costs a round trip per batch, not per job.
         created, info = await self._submits.call(keys, argv)
         if created == -2:
             raise JobIdConflict(spec.job_id)
