@@ -20,13 +20,20 @@ PROTO = "blockpress/v1/runtime.proto"
 
 def generate(out_dir: pathlib.Path, proto_root: pathlib.Path) -> list[pathlib.Path]:
     """Writes the generated modules into `out_dir` and returns their paths."""
+    from google.rpc import status_pb2
     from grpc_tools import protoc
 
+    # `google/rpc/status.proto` (SubmitMany's per-request error) ships with googleapis-common-protos,
+    # already a dependency through grpcio-status; its folder is where protoc finds the import.
+    googleapis = pathlib.Path(status_pb2.__file__).resolve().parents[2]
+    well_known = pathlib.Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
     with tempfile.TemporaryDirectory() as tmp:
         rc = protoc.main(
             [
                 "grpc_tools.protoc",
                 f"-I{proto_root}",
+                f"-I{googleapis}",
+                f"-I{well_known}",
                 f"--python_out={tmp}",
                 f"--pyi_out={tmp}",
                 f"--grpc_python_out={tmp}",

@@ -39,6 +39,11 @@ class RuntimeStub:
                 request_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitMany = channel.unary_unary(
+                '/blockpress.v1.Runtime/SubmitMany',
+                request_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitManyRequest.SerializeToString,
+                response_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitManyResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/blockpress.v1.Runtime/Generate',
                 request_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
@@ -81,6 +86,16 @@ class RuntimeServicer:
 
     def Submit(self, request, context):
         """Queues a job and returns its reference at once. Submitting the same job_id twice gives one job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMany(self, request, context):
+        """Submit for many jobs in one call, for a caller with many to queue (an evaluation run, a batch):
+        answered with one SubmitResult per request, in the order sent, each the reference Submit would
+        have returned or the error it would have ended with; one request's error does not fail the others.
+        At most 1,000 requests per call. The call's deadline is each job's deadline, as for Submit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +162,11 @@ def add_RuntimeServicer_to_server(servicer, server):
                     request_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.FromString,
                     response_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitResponse.SerializeToString,
             ),
+            'SubmitMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMany,
+                    request_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitManyRequest.FromString,
+                    response_serializer=blockpress_dot_v1_dot_runtime__pb2.SubmitManyResponse.SerializeToString,
+            ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.FromString,
@@ -210,6 +230,33 @@ class Runtime:
             '/blockpress.v1.Runtime/Submit',
             blockpress_dot_v1_dot_runtime__pb2.SubmitRequest.SerializeToString,
             blockpress_dot_v1_dot_runtime__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockpress.v1.Runtime/SubmitMany',
+            blockpress_dot_v1_dot_runtime__pb2.SubmitManyRequest.SerializeToString,
+            blockpress_dot_v1_dot_runtime__pb2.SubmitManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,7 +64,9 @@ __all__ = [
     "TooManyStreams",
     "TraceNotFound",
     "Unauthenticated",
+    "from_rpc_status",
     "from_status",
+    "to_rpc_status",
     "to_status",
 ]
 
@@ -239,8 +241,8 @@ def _reason(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
 
 
-def _rich(code: grpc.StatusCode, message: str, exc: BaseException) -> bytes:
-    """The `google.rpc.Status` for `exc`, serialized for `grpc-status-details-bin`."""
+def _rich(code: grpc.StatusCode, message: str, exc: BaseException) -> status_pb2.Status:
+    """The `google.rpc.Status` for `exc`, as `grpc-status-details-bin` carries it serialized."""
     name = type(exc).__name__ if isinstance(exc, BlockPressError) else "InternalError"
     details: list[Message] = [
         error_details_pb2.ErrorInfo(reason=_reason(name), domain=DOMAIN, metadata={"error": name})
@@ -257,7 +259,7 @@ def _rich(code: grpc.StatusCode, message: str, exc: BaseException) -> bytes:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    return status_pb2.Status(code=code.value[0], message=message, details=packed).SerializeToString()
+    return status_pb2.Status(code=code.value[0], message=message, details=packed)
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
@@ -280,8 +282,24 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
         trailers.append((RETRY_AFTER_KEY, str(round(exc.retry_after_s * 1000))))
     if isinstance(exc, InvalidArgument):
         trailers.append((FIELD_KEY, exc.field))
-    trailers.append((DETAILS_KEY, _rich(code, message, exc)))
+    trailers.append((DETAILS_KEY, _rich(code, message, exc).SerializeToString()))
     return code, message, tuple(trailers)
+
+
+def to_rpc_status(exc: BaseException) -> status_pb2.Status:
+    """The `google.rpc.Status` a gateway answers with for `exc` (`to_status`'s code, message and rich
+    details), for a message that carries an error of its own, such as a SubmitMany result."""
+    code, message, _ = to_status(exc)
+    return _rich(code, message, exc)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_rpc_status(status: status_pb2.Status) -> BlockPressError:
+    """The typed error for a `google.rpc.Status` carried in a message (`to_rpc_status`'s inverse)."""
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    return from_status(code, status.message, ((DETAILS_KEY, status.SerializeToString()),))
 
 
 _BY_NAME: dict[str, type[BlockPressError]] = {

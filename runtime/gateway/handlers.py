@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from blockpress.runtime.contracts.errors import InvalidArgument, Unauthenticated
 from blockpress.runtime.tracing.names import Attr, SpanName
 from blockpress.runtime.tracing.telemetry import extract_context, get_tracer
 
-__all__ = ["Malformed", "add_runtime_to_server", "record_status"]
+__all__ = ["Malformed", "Traced", "add_runtime_to_server", "record_status"]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Runtime"]
 _NO_KEY = Unauthenticated("authorization: send metadata 'authorization: Bearer <API key>' with a valid key")
@@ -86,14 +86,20 @@ class _Guard:
 
     async def admit(self, context: grpc.aio.ServicerContext) -> tuple[trace.Span, otel_context.Context]:
         """The call's span and its context; aborts UNAUTHENTICATED first when a key is required and wrong."""
+        return self.open(await self.authorize(context))
+
+    async def authorize(self, context: grpc.aio.ServicerContext) -> otel_context.Context:
+        """The caller's trace context, once the key check passed (else the call ends UNAUTHENTICATED)."""
         metadata = context.invocation_metadata() or ()
         if self.keys and not self._allowed(metadata):
             code, message, trailers = to_status(_NO_KEY)
             context.set_trailing_metadata(trailers)
             await context.abort(code, message)
         # Only text headers can carry trace context; the authorization header is never copied anywhere.
-        carrier = {k: v for k, v in metadata if isinstance(v, str) and k != "authorization"}
-        parent = extract_context(carrier)
+        return extract_context({k: v for k, v in metadata if isinstance(v, str) and k != "authorization"})
+
+    def open(self, parent: otel_context.Context) -> tuple[trace.Span, otel_context.Context]:
+        """A new span of this method under `parent`, and the context with it current."""
         span = self.tracer.start_span(self.name, parent, trace.SpanKind.SERVER, self.attributes)
         return span, trace.set_span_in_context(span, parent)
 
@@ -163,6 +169,43 @@ def _stream(
     return call
 
 
+Traced = Callable[[Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]], Callable[[Any], Awaitable[Any]]]
+"""What a method answering many requests in one call runs each of them under (see `_per_request`)."""
+
+_PER_REQUEST = frozenset({"SubmitMany"})
+"""Methods whose message carries many requests, each traced as a call of its own."""
+
+
+def _per_request(guard: _Guard, method: Callable[[Any, grpc.aio.ServicerContext, Traced], Awaitable[Any]]) -> Any:
+    """A call carrying many requests (SubmitMany): the key is checked once, and every request gets the
+    span a unary call of it would have had, parented on the caller's headers. Not one span for the
+    call: each job's trace then starts at its own request, as with Submit, instead of a batch's jobs
+    sharing one trace."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        parent = await guard.authorize(context)
+        if isinstance(request, Malformed):
+            span, _ = guard.open(parent)
+            with trace.use_span(span, end_on_exit=True):
+                await _refuse(request, context)
+
+        def traced(one: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+            async def run(item: Any) -> Any:
+                span, ctx = guard.open(parent)
+                token = otel_context.attach(ctx)  # each item runs in a task of its own, with its own context
+                try:
+                    return await one(item, context)
+                finally:
+                    otel_context.detach(token)
+                    span.end()
+
+            return run
+
+        return await method(request, context, traced)
+
+    return call
+
+
 def add_runtime_to_server(
     servicer: Any,
     server: grpc.aio.Server,
@@ -184,7 +227,11 @@ def add_runtime_to_server(
         guard = _Guard(method.name, tracer, api_keys)
         behaviour = getattr(servicer, method.name)
         parse, write = _parser(request_cls), response_cls.SerializeToString
-        if method.server_streaming:
+        if method.name in _PER_REQUEST:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _per_request(guard, behaviour), request_deserializer=parse, response_serializer=write
+            )
+        elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _stream(guard, behaviour), request_deserializer=parse, response_serializer=write
             )

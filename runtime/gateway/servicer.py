@@ -18,18 +18,31 @@ from redis.exceptions import RedisError
 from blockpress.runtime import convert
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
-from blockpress.runtime.contracts.errors import InvalidArgument, ServiceUnavailable, to_status
-from blockpress.runtime.gateway.handlers import record_status
+from blockpress.runtime.contracts.errors import (
+    BlockPressError,
+    InvalidArgument,
+    ServiceUnavailable,
+    to_rpc_status,
+    to_status,
+)
+from blockpress.runtime.gateway.handlers import Traced, record_status
 from blockpress.runtime.gateway.streamcap import client_of
 from blockpress.runtime.gateway.validation import validate_event_id
 
 if TYPE_CHECKING:
-    from blockpress.runtime.contracts.jobs import JobRecord
+    from blockpress.runtime.contracts.jobs import JobRecord, JobSpec
     from blockpress.runtime.gateway.server import Gateway
 
 __all__ = ["RuntimeServicer"]
 
 log = logging.getLogger(__name__)
+
+_InLine = tuple[pb.SubmitRequest, "asyncio.Future[None] | None", "asyncio.Future[None]"]
+"""A SubmitMany request, the turn of the one sent before it, and its own turn (`_submit_one`)."""
+
+MAX_SUBMIT_MANY = 1000
+"""Requests one SubmitMany call may carry (the proto says so too): a call's jobs are admitted
+together, and a bound keeps one caller's call from holding the loop for long."""
 
 
 class RuntimeServicer(pb_grpc.RuntimeServicer):
@@ -43,8 +56,53 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
             record, created = await self._queue(request, context, again="resubmitted")
         except BaseException as exc:
             await _abort(context, exc)
-        state = convert.state_to_pb(record.state)
-        return pb.SubmitResponse(job_id=record.job_id, model=record.model, state=state, created=created)
+        return _reference(record, created)
+
+    async def SubmitMany(
+        self, request: pb.SubmitManyRequest, context: grpc.aio.ServicerContext, traced: Traced
+    ) -> pb.SubmitManyResponse:
+        if len(request.requests) > MAX_SUBMIT_MANY:
+            many = InvalidArgument("requests", f"has {len(request.requests)}; send at most {MAX_SUBMIT_MANY} per call")
+            await _abort(context, many)
+        one = traced(self._submit_one)
+        # Admitted together, so that their submit scripts share Redis pipelines (`queue/batch.py`), and
+        # put in line in the order sent: each waits for the one before it (`_submit_one`).
+        loop = asyncio.get_running_loop()
+        turns = [loop.create_future() for _ in request.requests]
+        items = [(r, turns[i - 1] if i else None, turns[i]) for i, r in enumerate(request.requests)]
+        return pb.SubmitManyResponse(results=await asyncio.gather(*[one(item) for item in items]))
+
+    async def _submit_one(self, item: _InLine, context: grpc.aio.ServicerContext) -> pb.SubmitResult:
+        """One request of SubmitMany: what Submit would answer, an error as its result, not the call's end.
+
+        Admission may wait (a long prompt is counted in a thread), so requests finish it out of order;
+        the submit script of each is only called once the one before it has been called (or refused),
+        which keeps the queue in the order the client sent.
+        """
+        request, before, turn = item
+        try:
+            try:
+                spec: JobSpec | Exception = await self.gw.admit(request, context)
+            except Exception as exc:
+                spec = exc
+            if before is not None:
+                await before
+            # Called now, so its script joins the batch behind the previous request's.
+            queued = None if isinstance(spec, Exception) else asyncio.ensure_future(self.gw.queue.submit(spec))
+        finally:
+            if not turn.done():
+                turn.set_result(None)
+        try:
+            if isinstance(spec, Exception):
+                raise spec
+            assert queued is not None
+            record, created = await queued
+        except Exception as exc:
+            error = _reachable(exc)
+            record_status(error.code if isinstance(error, BlockPressError) else grpc.StatusCode.INTERNAL)
+            return pb.SubmitResult(error=to_rpc_status(error))
+        log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "resubmitted", spec.model)
+        return pb.SubmitResult(job=_reference(record, created))
 
     async def _queue(
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext, *, again: str
@@ -129,12 +187,22 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     """Ends the call with the status `exc` maps to; re-raises what is not an error of the call."""
     if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError | GeneratorExit | KeyboardInterrupt):
         raise exc
-    if isinstance(exc, RedisError | ConnectionError):
-        exc = ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
-    code, message, trailers = to_status(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("internal error in a gateway call", exc_info=exc)
+    code, message, trailers = to_status(_reachable(exc))
     record_status(code)
     context.set_trailing_metadata(trailers)
     await context.abort(code, message)
     raise AssertionError("abort() returns only by raising")
+
+
+def _reference(record: JobRecord, created: bool) -> pb.SubmitResponse:
+    state = convert.state_to_pb(record.state)
+    return pb.SubmitResponse(job_id=record.job_id, model=record.model, state=state, created=created)
+
+
+def _reachable(exc: BaseException) -> BaseException:
+    """The error to answer for `exc`: Redis being unreachable is UNAVAILABLE; a bug is logged."""
+    if isinstance(exc, RedisError | ConnectionError):
+        return ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
+    if not isinstance(exc, BlockPressError):
+        log.error("internal error in a gateway call", exc_info=exc)
+    return exc

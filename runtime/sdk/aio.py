@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import grpc
@@ -29,7 +28,7 @@ from blockpress.runtime import convert
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
 from blockpress.runtime.config import DEFAULT_ADDRESS
-from blockpress.runtime.contracts.errors import BlockPressError, DeadlineExceeded, from_status
+from blockpress.runtime.contracts.errors import BlockPressError, InvalidArgument
 from blockpress.runtime.contracts.jobs import Event, JobState
 from blockpress.runtime.convert import Prompt
 from blockpress.runtime.sdk.records import Job, ModelInfo
@@ -37,6 +36,8 @@ from blockpress.runtime.sdk.results import AgentResult, Result, job_outcome, out
 
 # Relative, unlike the rest: mypy checks this folder as `runtime`, where an absolute import of
 # `blockpress.runtime` resolves to Any, and `Unpack` needs to see the TypedDicts themselves.
+from . import many
+from .calls import Deadline, backoff, left, typed
 from .options import AgentOptions, CallOptions, GenerateOptions
 from .replay import ReplayFilter
 
@@ -52,16 +53,6 @@ _T = TypeVar("_T")
 def resolve_address(address: str | None) -> str:
     """`address`, else `BLOCKPRESS_ADDRESS`, else the local default."""
     return address or os.environ.get("BLOCKPRESS_ADDRESS") or DEFAULT_ADDRESS
-
-
-def _typed(exc: grpc.RpcError) -> BlockPressError:
-    call: Any = exc
-    return from_status(call.code(), call.details() or "", tuple(call.trailing_metadata() or ()))
-
-
-def _backoff(attempt: int) -> float:
-    """Seconds before retry `attempt` (0-based): exponential with full jitter, capped at 2 s."""
-    return random.uniform(0, min(2.0, 0.05 * 2**attempt))
 
 
 _GENERATION_NAMED = frozenset(CallOptions.__annotations__) | {"tools"}
@@ -88,35 +79,6 @@ def _split(options: Mapping[str, Any], named: frozenset[str]) -> tuple[dict[str,
     # What is not a call option is a setting: `convert.settings_to_pb` refuses the names it does not know.
     calls = {k: v for k, v in options.items() if k in named}
     return calls, {k: v for k, v in options.items() if k not in named}
-
-
-def _left(deadline: _Deadline, unreachable: BlockPressError | None) -> float | None:
-    """The next try's timeout; past the deadline after failed tries, the last failure is the answer."""
-    try:
-        return deadline.remaining()
-    except DeadlineExceeded:
-        if unreachable is not None:
-            raise unreachable from None
-        raise
-
-
-class _Deadline:
-    """An overall deadline over several calls; `remaining()` is the next call's timeout."""
-
-    def __init__(self, timeout: float | None) -> None:
-        self.at = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        if self.at is None:
-            return None
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("the call's deadline passed before the job finished")
-        return left
-
-    def allows(self, wait_s: float) -> bool:
-        """Whether a retry after `wait_s` would still start before the deadline."""
-        return self.at is None or time.monotonic() + wait_s < self.at
 
 
 class AsyncClient:
@@ -179,6 +141,22 @@ class AsyncClient:
         request, timeout = _generation_call(prompt, options)
         reply = await self._call(self._stub.Submit, request, timeout)
         return AsyncJobHandle(self, reply.job_id)
+
+    async def submit_many(
+        self, prompts: Iterable[Prompt], **options: Unpack[GenerateOptions]
+    ) -> list[AsyncJobHandle | BlockPressError]:
+        """Queues a generation per prompt, all with the same `options`, in few calls (`many.py`).
+
+        Returns, in the order of `prompts`, each job's handle or the error its submit met (a full
+        queue, a prompt over the limits), as `asyncio.gather(..., return_exceptions=True)` would: one
+        refused prompt does not lose the others. Each job gets an id of its own, so `job_id` is
+        refused; `timeout` bounds the whole call and is every job's deadline.
+        """
+        if options.get("job_id"):
+            raise InvalidArgument("job_id", "names one job; submit_many gives each job an id of its own")
+        calls = [_generation_call(prompt, options) for prompt in prompts]
+        outcomes = await many.submit_all(self, [request for request, _ in calls], options.get("timeout"))
+        return [AsyncJobHandle(self, o) if isinstance(o, str) else o for o in outcomes]
 
     def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncIterator[Event]:
         """Runs a generation and yields its events: queued, started, drafts, canvases, the final one."""
@@ -268,15 +246,15 @@ class AsyncClient:
         return time.monotonic() - since < self.retry_s
 
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any, timeout: float | None = None) -> _T:
-        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        deadline = Deadline(timeout if timeout is not None else self.timeout)
         since = time.monotonic()
         attempt = 0
         unreachable: BlockPressError | None = None
         while True:
             try:
-                return await method(request, timeout=_left(deadline, unreachable), metadata=self._metadata)
+                return await method(request, timeout=left(deadline, unreachable), metadata=self._metadata)
             except grpc.RpcError as exc:
-                err = _typed(exc)
+                err = typed(exc)
                 if err.code is grpc.StatusCode.DEADLINE_EXCEEDED and unreachable is not None:
                     raise unreachable from None  # the deadline ran out while the gateway was unreachable
                 if err.code in _RETRY_CODES:
@@ -284,15 +262,15 @@ class AsyncClient:
                 attempt += 1
                 # Out of budget or of deadline: the caller learns why the last try failed (the gateway
                 # is unreachable), not that its deadline ran out while the SDK retried.
-                if not self._may_retry(err, attempt, since) or not deadline.allows(_backoff(attempt - 1)):
+                if not self._may_retry(err, attempt, since) or not deadline.allows(backoff(attempt - 1)):
                     raise err from None
-            await asyncio.sleep(_backoff(attempt - 1))
+            await asyncio.sleep(backoff(attempt - 1))
 
     async def _follow(
         self, job_id: str, timeout: float | None, *, first: pb.SubmitRequest | None = None, after: str = ""
     ) -> AsyncIterator[Event]:
         """Events of a job until its final one; a broken stream resumes after the last event seen."""
-        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        deadline = Deadline(timeout if timeout is not None else self.timeout)
         failures, since = 0, time.monotonic()
         replays = ReplayFilter()  # a re-run attempt's canvases were shown already
         while True:
@@ -311,11 +289,11 @@ class AsyncClient:
                     if event.is_final:
                         return
             except grpc.RpcError as exc:
-                err = _typed(exc)
+                err = typed(exc)
                 failures += 1
-                if not self._may_retry(err, failures, since) or not deadline.allows(_backoff(failures - 1)):
+                if not self._may_retry(err, failures, since) or not deadline.allows(backoff(failures - 1)):
                     raise err from None
-                await asyncio.sleep(_backoff(failures - 1))
+                await asyncio.sleep(backoff(failures - 1))
                 continue
             finally:
                 call.cancel()

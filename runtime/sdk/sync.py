@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
+from blockpress.runtime.contracts.errors import BlockPressError
 from blockpress.runtime.contracts.jobs import Event, JobState
 from blockpress.runtime.convert import Prompt
 from blockpress.runtime.sdk.aio import AsyncClient, AsyncJobHandle
@@ -125,6 +126,14 @@ class Client:
     def submit(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> JobHandle:
         """Queues a generation and returns its handle at once."""
         return JobHandle(self, self._loop.run(self._aio.submit(prompt, **options)).job_id)
+
+    def submit_many(
+        self, prompts: Iterable[Prompt], **options: Unpack[GenerateOptions]
+    ) -> list[JobHandle | BlockPressError]:
+        """Queues a generation per prompt in few calls; each job's handle or its error, in order
+        (`AsyncClient.submit_many`)."""
+        outcomes = self._loop.run(self._aio.submit_many(prompts, **options))
+        return [JobHandle(self, o.job_id) if isinstance(o, AsyncJobHandle) else o for o in outcomes]
 
     def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Iterator[Event]:
         """Runs a generation and yields its events: queued, started, drafts, canvases, the final one."""
