@@ -21,7 +21,8 @@ One run, one small checkpoint (a random-weight tiny DiffusionGemma unless --chec
    replica has not run by then ends EXPIRED.
 
 Targets on the 2-core development machine: added p50 <= 5 ms, p99 <= 10 ms; >= 2,000 submits/s.
-The latency part also prints where the added time goes, hop by hop, from the job record's clocks.
+The latency part also prints where the added time goes, hop by hop, from the job record's clocks, and
+the floor under it: the same process hops with no work in them (`bench/hop_floor.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import hop_floor  # bench/, beside this script
 
 from blockpress.runtime import AsyncClient, Client
 from blockpress.runtime.cli.embedded import OwnedRedis, start_ray
@@ -239,6 +242,11 @@ def main() -> int:
                 f"service: gateway pid {gateway.pid} on {address}, 1 replica, redis {redis.url}, {os.cpu_count()} CPUs"
             )
             latency(address, checkpoint, args.jobs)
+            floor = sorted(hop_floor.floor(100, 0.02))
+            print(
+                f"  the same hops with no work in them (bench/hop_floor.py, now): p50 {pct(floor, 50) * 1000:.1f} ms"
+                f"   p99 {pct(floor, 99) * 1000:.1f} ms"
+            )
             [info] = pool.infos()
             for bulk in (False, True):
                 admission_paused(
