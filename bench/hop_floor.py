@@ -1,6 +1,6 @@
 """The floor under the service's added latency: a job's hops between processes, with no work done in them.
 
-    python bench/hop_floor.py [--jobs 150] [--engine-ms 20]
+    python bench/hop_floor.py [--jobs 150] [--engine-ms 20] [--submits 3000] [--concurrency 64]
 
 A stand-in for each process of the real path, doing only its messaging: the client calls a unary
 gRPC method on a grpc.aio "gateway" process, which runs a submit script in Redis and waits on the
@@ -10,12 +10,17 @@ finish script that appends the final event, which wakes the gateway, which answe
 client calls as the SDK's blocking `Client` does (from a loop of its own in a thread), and jobs are
 paced as in `bench/service_overhead.py` (the bare engine runs between them). Added latency = round trip - engine
 time: what the architecture costs on this machine before any of BlockPress's code runs.
+
+It also prints the admission ceiling of one call per job: Submit calls per second from the SDK's
+`AsyncClient` (as `bench/service_overhead.py` sends them) to the stand-in gateway, which answers them
+without doing anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import queue
 import socket
 import subprocess
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -48,6 +54,9 @@ async def gateway(url: str, port: int) -> None:
     submit = scripts.register_script(SUBMIT)
 
     class Servicer(pb_grpc.RuntimeServicer):
+        async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
+            return pb.SubmitResponse(job_id=request.job_id, state=pb.JOB_STATE_QUEUED, created=True)  # no work
+
         async def Run(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.JobEvent:
             job = request.job_id
             await submit(keys=[f"j:{job}", f"e:{job}", "q"], args=[request.SerializeToString(), job])
@@ -97,8 +106,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def floor(jobs: int, engine_s: float, *, gap_s: float = 0.02) -> list[float]:
-    """Added seconds per job (round trip - engine time) over the stand-in processes."""
+@contextlib.contextmanager
+def stand_ins(engine_s: float) -> Iterator[str]:
+    """Redis, the stand-in gateway and the stand-in replica, running; yields the gateway's address."""
     with tempfile.TemporaryDirectory(prefix="bp-floor-") as tmp:
         redis_port, port = free_port(), free_port()
         cmd = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "yes", "--dir", tmp]
@@ -109,40 +119,70 @@ def floor(jobs: int, engine_s: float, *, gap_s: float = 0.02) -> list[float]:
             me = [sys.executable, str(Path(__file__).resolve())]
             roles = (["gateway", "--port", str(port)], ["replica", "--engine-ms", str(engine_s * 1e3)])
             procs += [subprocess.Popen([*me, "--url", url, "--role", *role]) for role in roles]
-            # The blocking Client's pattern: its own loop in a thread, each call handed to it and waited for.
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, daemon=True).start()
-
-            async def connect() -> pb_grpc.RuntimeStub:
-                channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-                await asyncio.wait_for(channel.channel_ready(), 30)
-                return pb_grpc.RuntimeStub(channel)
-
-            stub = asyncio.run_coroutine_threadsafe(connect(), loop).result()
-
-            async def run(request: pb.SubmitRequest) -> None:
-                await stub.Run(request, timeout=10)
-
-            added = []
-            for i in range(jobs + 10):
-                request = pb.SubmitRequest(job_id=f"floor-{i}")
-                t0 = time.perf_counter()
-                asyncio.run_coroutine_threadsafe(run(request), loop).result()
-                if i >= 10:  # warm-up: connections, scripts, lazy imports
-                    added.append(time.perf_counter() - t0 - engine_s)
-                time.sleep(gap_s)
-            loop.call_soon_threadsafe(loop.stop)
-            return added
+            yield f"127.0.0.1:{port}"
         finally:
             for proc in reversed(procs):  # Redis last, so that nothing logs its going away
                 proc.terminate()
                 proc.wait(10)
 
 
+async def _stub(address: str) -> pb_grpc.RuntimeStub:
+    channel = grpc.aio.insecure_channel(address)
+    await asyncio.wait_for(channel.channel_ready(), 30)
+    return pb_grpc.RuntimeStub(channel)
+
+
+def floor(jobs: int, engine_s: float, *, gap_s: float = 0.02) -> list[float]:
+    """Added seconds per job (round trip - engine time) over the stand-in processes."""
+    with stand_ins(engine_s) as address:
+        # The blocking Client's pattern: its own loop in a thread, each call handed to it and waited for.
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        stub = asyncio.run_coroutine_threadsafe(_stub(address), loop).result()
+
+        async def run(request: pb.SubmitRequest) -> None:
+            await stub.Run(request, timeout=10)
+
+        added = []
+        for i in range(jobs + 10):
+            request = pb.SubmitRequest(job_id=f"floor-{i}")
+            t0 = time.perf_counter()
+            asyncio.run_coroutine_threadsafe(run(request), loop).result()
+            if i >= 10:  # warm-up: connections, scripts, lazy imports
+                added.append(time.perf_counter() - t0 - engine_s)
+            time.sleep(gap_s)
+        loop.call_soon_threadsafe(loop.stop)
+        return added
+
+
+def admission_ceiling(submits: int, concurrency: int) -> float:
+    """Submit calls per second, `concurrency` in flight from the SDK's `AsyncClient`, against the
+    stand-in gateway's Submit, which answers at once: one call per job costs this much here already."""
+    from blockpress.runtime import AsyncClient
+
+    async def burst(address: str) -> float:
+        async with AsyncClient(address, retries=30) as client:
+            await client.submit("warm up")
+            left = iter(range(submits))
+
+            async def worker() -> None:
+                for i in left:
+                    await client.submit(f"submit {i}", timeout=3.0, max_new_tokens=1)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return submits / (time.perf_counter() - t0)
+
+    with stand_ins(0.0) as address:
+        return asyncio.run(burst(address))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=150)
     p.add_argument("--engine-ms", type=float, default=20.0)
+    p.add_argument("--submits", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--role", choices=["gateway", "replica"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -153,6 +193,8 @@ def main() -> int:
     added = sorted(floor(args.jobs, args.engine_ms / 1e3))
     p50, p99 = added[len(added) // 2], added[min(len(added) - 1, round(0.99 * (len(added) - 1)))]
     print(f"hop floor: p50 {p50 * 1e3:.2f} ms  p99 {p99 * 1e3:.2f} ms added per job over {args.jobs} jobs")
+    rate = admission_ceiling(args.submits, args.concurrency)
+    print(f"admission ceiling: {rate:,.0f} Submit calls/s with {args.concurrency} in flight, answered without work")
     return 0
 
 

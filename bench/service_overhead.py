@@ -22,7 +22,8 @@ One run, one small checkpoint (a random-weight tiny DiffusionGemma unless --chec
 
 Targets on the 2-core development machine: added p50 <= 5 ms, p99 <= 10 ms; >= 2,000 submits/s.
 The latency part also prints where the added time goes, hop by hop, from the job record's clocks, and
-the floor under it: the same process hops with no work in them (`bench/hop_floor.py`).
+the floor under it: the same process hops with no work in them (`bench/hop_floor.py`); the admission
+part ends with the ceiling of one call per job: Submit calls to a server that answers without work.
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ def main() -> int:
                 )
             for bulk in (False, True):
                 asyncio.run(admission(address, args.submits, args.concurrency, "replica beside it", gateway.pid, bulk))
+            ceiling = hop_floor.admission_ceiling(args.submits, args.concurrency)
+            print(
+                f"  the ceiling of one call per job (bench/hop_floor.py, now): {ceiling:,.0f} Submit calls/s with "
+                f"{args.concurrency} in flight to a grpc.aio server that answers without doing anything"
+            )
         finally:
             if gateway is not None:
                 gateway.terminate()
