@@ -186,7 +186,8 @@ def _per_request(guard: _Guard, method: Callable[[Any, grpc.aio.ServicerContext,
         parent = await guard.authorize(context)
         if isinstance(request, Malformed):
             span, _ = guard.open(parent)
-            with trace.use_span(span, end_on_exit=True):
+            # As a unary call's span: the status code on it, not the abort as an exception.
+            with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 await _refuse(request, context)
 
         def traced(one: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:

@@ -40,7 +40,7 @@ from blockpress.runtime.contracts.jobs import new_job_id
 from blockpress.runtime.http import agent, anthropic, chat
 from blockpress.runtime.http import protocol as p
 from blockpress.runtime.http.errors import Flavor, error_body, error_response, is_ours
-from blockpress.runtime.http.jobs import follow, submit
+from blockpress.runtime.http.jobs import Queued, follow, submit
 from blockpress.runtime.http.limits import BodyLimit
 from blockpress.runtime.tracing.names import Attr, SpanName
 from blockpress.runtime.tracing.telemetry import extract_context, get_tracer
@@ -113,11 +113,11 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
         places: dict[str, str] = {}
         session = request.headers.get("x-session-id")
         raw = chat.submit_body(body, job_id=job_id(request), session_header=session, places=places)
-        spec = await _admitted(request, gateway, raw, lambda field: chat.openai_param(field, places))
-        turn = chat.ChatTurn(body, spec, markers(spec.model))
+        job = await _admitted(request, gateway, raw, lambda field: chat.openai_param(field, places))
+        turn = chat.ChatTurn(body, job.spec, markers(job.spec.model))
         if body.stream:
-            return _stream(lambda: ((None, c) async for c in turn.chunks(follow(gateway, spec.job_id))), done=True)
-        return _json(await _until_disconnect(request, turn.completion(follow(gateway, spec.job_id))))
+            return _stream(lambda: ((None, c) async for c in turn.chunks(follow(gateway, job))), done=True)
+        return _json(await _until_disconnect(request, turn.completion(follow(gateway, job))))
 
     @app.post("/v1/messages")
     async def messages(body: p.AnthropicRequest, request: Request) -> Response:
@@ -125,19 +125,19 @@ def build_app(gateway: Gateway, *, tracer: trace.Tracer | None = None) -> ASGIAp
         places: dict[str, str] = {}
         session = request.headers.get("x-session-id")
         raw = anthropic.submit_body(body, job_id=job_id(request), session_header=session, places=places)
-        spec = await _admitted(request, gateway, raw, lambda field: anthropic.anthropic_param(field, places))
-        turn = anthropic.MessageTurn(body, spec, markers(spec.model))
+        job = await _admitted(request, gateway, raw, lambda field: anthropic.anthropic_param(field, places))
+        turn = anthropic.MessageTurn(body, job.spec, markers(job.spec.model))
         if body.stream:
-            return _stream(lambda: turn.events(follow(gateway, spec.job_id)), flavor="anthropic")
-        return JSONResponse(await _until_disconnect(request, turn.message(follow(gateway, spec.job_id))))
+            return _stream(lambda: turn.events(follow(gateway, job)), flavor="anthropic")
+        return JSONResponse(await _until_disconnect(request, turn.message(follow(gateway, job))))
 
     @app.post("/v1/blockpress/agent")
     async def agent_task(body: p.AgentRequest, request: Request) -> Response:
         authorize(request)
-        spec = await _admitted(request, gateway, agent.submit_body(body, job_id=job_id(request)), agent.agent_param)
+        job = await _admitted(request, gateway, agent.submit_body(body, job_id=job_id(request)), agent.agent_param)
         if body.stream:
-            return _stream(lambda: agent.events(follow(gateway, spec.job_id)), done=True)
-        return JSONResponse(await _until_disconnect(request, agent.result(spec, follow(gateway, spec.job_id))))
+            return _stream(lambda: agent.events(follow(gateway, job)), done=True)
+        return JSONResponse(await _until_disconnect(request, agent.result(job.spec, follow(gateway, job))))
 
     def flavor_of(request: Request) -> Flavor:
         return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
@@ -192,20 +192,20 @@ def _card(gateway: Gateway, name: str) -> p.ModelCardOut:
     )
 
 
-async def _admitted(request: Request, gateway: Gateway, raw: Mapping[str, Any], param: Callable[[str], str]) -> Any:
+async def _admitted(request: Request, gateway: Gateway, raw: Mapping[str, Any], param: Callable[[str], str]) -> Queued:
     """The queued job of `raw`; a field in an error is renamed to the body's name for it."""
     # The request's own span is made current again: FastAPI may run the route under a span of its own,
     # outside this trace, and the job must join the caller's trace.
     span = request.scope.get(_SPAN_KEY, trace.get_current_span())
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
-        spec = await submit(gateway, raw)
+        job = await submit(gateway, raw)
     except InvalidArgument as exc:
         raise InvalidArgument(param(exc.field), exc.reason) from None
     finally:
         otel_context.detach(token)
-    span.set_attribute(Attr.JOB_ID, spec.job_id)
-    return spec
+    span.set_attribute(Attr.JOB_ID, job.spec.job_id)
+    return job
 
 
 def _path(loc: tuple[Any, ...]) -> str:

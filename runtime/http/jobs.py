@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from blockpress.runtime.contracts.errors import JobFinished, JobNotFound
 from blockpress.runtime.contracts.jobs import Event, JobSpec
@@ -30,7 +30,16 @@ from blockpress.runtime.contracts.settings import DenoiseSettings
 if TYPE_CHECKING:
     from blockpress.runtime.gateway.server import Gateway
 
-__all__ = ["SETTING_NAMES", "TextCut", "derive_session", "follow", "session_key", "settings_from_extra", "submit"]
+__all__ = [
+    "SETTING_NAMES",
+    "Queued",
+    "TextCut",
+    "derive_session",
+    "follow",
+    "session_key",
+    "settings_from_extra",
+    "submit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +47,27 @@ SETTING_NAMES = frozenset(DenoiseSettings.__dataclass_fields__) - {"extra"}
 """Denoising settings a body may carry as extra fields, by `DenoiseSettings`' names."""
 
 
-async def submit(gateway: Gateway, raw: Mapping[str, Any]) -> JobSpec:
+class Queued(NamedTuple):
+    spec: JobSpec
+    created: bool
+    """False when the job id named a job already (a retried request): its spec is that job's."""
+
+
+async def submit(gateway: Gateway, raw: Mapping[str, Any]) -> Queued:
     """Admits `raw` (the plain request `validate_submit` takes) and queues it; the same job id twice is
     one job, so a retried request with the same `Idempotency-Key` follows the first."""
     spec = await gateway.admit_data(raw)
     record, created = await gateway.queue.submit(spec)
     log.info("job %s %s for model %s (http)", spec.job_id, "accepted" if created else "rejoined", spec.model)
-    return spec if created else record.spec
+    return Queued(spec if created else record.spec, created)
 
 
-async def follow(gateway: Gateway, job_id: str) -> AsyncIterator[Event]:
+async def follow(gateway: Gateway, job: Queued) -> AsyncIterator[Event]:
     """The job's events from its first to its final one; a reader that stops early cancels the job."""
-    final = False
+    final, job_id = False, job.spec.job_id
     try:
-        async for event in gateway.follow(job_id, "0"):
+        # A job this request created is followed without the catch-up read and record check.
+        async for event in gateway.follow(job_id, "0", fresh=job.created):
             final = event.is_final
             yield event
     finally:

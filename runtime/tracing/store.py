@@ -265,20 +265,23 @@ class TraceStoreProcessor(SpanProcessor):
             self._wake.clear()
             while self._buffer:
                 batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
-                try:
-                    self._write(batch)
-                    self.written += len(batch)
-                except Exception as exc:  # the store is best-effort; it must never take the process down
-                    self.dropped += len(batch)
-                    self._lost += len(batch)
-                    log.warning("trace store: %d spans not written: %s", len(batch), exc)
+                lost = self._write(batch)
+                self.dropped += lost
+                self._lost += lost
                 with self._idle:
                     self._idle.notify_all()
 
-    def _write(self, spans: Sequence[ReadableSpan]) -> None:
+    def _write(self, spans: Sequence[ReadableSpan]) -> int:
+        """Writes `spans` a script call at a time; the number not written (those from a failed call on)."""
         horizon = f"({self._clock() - self._retention_ms / 1000}"
         for at in range(0, len(spans), _CHUNK):
-            self._write_chunk(spans[at : at + _CHUNK], horizon)
+            try:
+                self._write_chunk(spans[at : at + _CHUNK], horizon)
+            except Exception as exc:  # the store is best-effort; it must never take the process down
+                log.warning("trace store: %d spans not written: %s", len(spans) - at, exc)
+                return len(spans) - at
+            self.written += len(spans[at : at + _CHUNK])
+        return 0
 
     def _write_chunk(self, spans: Sequence[ReadableSpan], horizon: str) -> None:
         keys, retention_ms = self._keys, self._retention_ms

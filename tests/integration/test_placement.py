@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 QUEUE_OPTIONS = {"lease_s": 2.0, "max_deliveries": 3}
 FAST = {"max_new_tokens": 32, "max_denoising_steps": 2, "seed": 1}
 # Several seconds of denoising on a CPU: long enough to kill its node while it runs.
-LONG = {"max_new_tokens": 512, "max_denoising_steps": 32, "confidence_threshold": 0, "stop_token_ids": [], "seed": 2}
+LONG = {"max_new_tokens": 1024, "max_denoising_steps": 48, "confidence_threshold": 0, "stop_token_ids": [], "seed": 2}
 # The manifests' precisions per kind (k8s/base/config.yaml); both run on a CPU with the torch kernels.
 KINDS = {"rtx-pro": {"quantization": "fp8"}, "dgx-spark": {"quantization": "nf4"}}
 # GCS declares a killed node dead after period x threshold; the defaults (3 s x 5) only slow the test.

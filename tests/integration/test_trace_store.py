@@ -256,3 +256,31 @@ def test_span_json_reads_back_as_json_writes_it(parent_id: str | None, value: An
     record = SpanRecord("0" * 32, "1" * 16, parent_id, "n", 1, 2, attributes={"v": value})
     expected = SpanRecord.from_json(json.dumps(record.to_dict()))
     assert repr(SpanRecord.from_json(record.to_json())) == repr(expected)  # repr: NaN is not equal to itself
+
+
+def test_a_failed_script_call_loses_its_spans_and_the_later_ones_only(client: redis.Redis):
+    from blockpress.runtime.tracing.store import _CHUNK
+
+    size = 2 * _CHUNK + 100  # three script calls; the second fails
+    processor = TraceStoreProcessor(client, retention_s=3600, batch_size=size, flush_interval_s=60, clock=lambda: NOW)
+    calls = 0
+    write_chunk = processor._write_chunk
+
+    def second_fails(spans: Any, horizon: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise redis.ConnectionError("gone for this call")
+        write_chunk(spans, horizon)
+
+    processor._write_chunk = second_fails  # type: ignore[method-assign]
+    provider = make_provider(processor)
+    tracer = provider.get_tracer("test")
+    for i in range(size):
+        tracer.start_span(f"s{i}", attributes={Attr.JOB_ID: f"job-{i}"}).end()
+    assert processor.force_flush(30_000)
+    # The first call's spans are kept and counted written; the failed call's and the rest are counted lost.
+    assert (processor.written, processor.dropped) == (_CHUNK, size - _CHUNK)
+    assert calls == 2
+    assert TraceStore(client).get_trace("job-0") and not TraceStore(client).get_trace(f"job-{_CHUNK}")
+    provider.shutdown()
