@@ -154,6 +154,12 @@ class AsyncClient:
         """
         if options.get("job_id"):
             raise InvalidArgument("job_id", "names one job; submit_many gives each job an id of its own")
+        if isinstance(prompts, str):
+            raise InvalidArgument("prompts", "is one prompt; pass a list of prompts, or call submit")
+        prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, Mapping):
+                raise InvalidArgument(f"prompts[{i}]", "is one chat message; a chat prompt is a list of messages")
         calls = [_generation_call(prompt, options) for prompt in prompts]
         outcomes = await many.submit_all(self, [request for request, _ in calls], options.get("timeout"))
         return [AsyncJobHandle(self, o) if isinstance(o, str) else o for o in outcomes]

@@ -99,6 +99,10 @@ def test_the_sdk_returns_handles_and_typed_errors_in_order(gw: GatewayThread) ->
         assert client.submit_many([]) == []
         with pytest.raises(InvalidArgument, match="job_id"):
             client.submit_many(["x"], job_id="mine")
+        with pytest.raises(InvalidArgument, match="one prompt"):
+            client.submit_many("a single prompt, not a list")
+        with pytest.raises(InvalidArgument, match=r"prompts\[1\]: is one chat message"):
+            client.submit_many(["x", {"role": "user", "content": "hi"}])
         [unknown] = client.submit_many(["x"], model="no-such-model")
         assert isinstance(unknown, ModelNotFound)
 
