@@ -66,6 +66,7 @@ __all__ = [
     "Unauthenticated",
     "from_rpc_status",
     "from_status",
+    "status_code",
     "to_rpc_status",
     "to_status",
 ]
@@ -233,7 +234,8 @@ class JobExpired(JobError):
     state = "EXPIRED"
 
 
-def _status_code(exc: BaseException) -> grpc.StatusCode:
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The status a gateway answers with for `exc`: its own code, or INTERNAL for what is not ours."""
     return exc.code if isinstance(exc, BlockPressError) else grpc.StatusCode.INTERNAL
 
 
@@ -269,7 +271,7 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
     exception's type but not its text, which may hold request data. The trailers hold the rich
     `google.rpc.Status` (`grpc-status-details-bin`) and the older `blockpress-*` keys.
     """
-    code = _status_code(exc)
+    code = status_code(exc)
     trailers: list[tuple[str, str | bytes]] = []
     if isinstance(exc, BlockPressError):
         message = exc.message

@@ -22,6 +22,7 @@ from blockpress.runtime.contracts.errors import (
     BlockPressError,
     InvalidArgument,
     ServiceUnavailable,
+    status_code,
     to_rpc_status,
     to_status,
 )
@@ -95,7 +96,7 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
             if before is not None:
                 await before
             # Called now, so its script joins the batch behind the previous request's.
-            queued = None if isinstance(spec, Exception) else asyncio.ensure_future(self.gw.queue.submit(spec))
+            queued = None if isinstance(spec, Exception) else asyncio.ensure_future(self._enqueue(spec, "resubmitted"))
         finally:
             if not turn.done():
                 turn.set_result(None)
@@ -106,9 +107,8 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
             record, created = await queued
         except Exception as exc:
             error = _reachable(exc)
-            record_status(error.code if isinstance(error, BlockPressError) else grpc.StatusCode.INTERNAL)
+            record_status(status_code(error))
             return pb.SubmitResult(error=to_rpc_status(error))
-        log.info("job %s %s for model %s", spec.job_id, "accepted" if created else "resubmitted", spec.model)
         return pb.SubmitResult(job=_reference(record, created))
 
     async def _queue(
@@ -116,7 +116,10 @@ class RuntimeServicer(pb_grpc.RuntimeServicer):
     ) -> tuple[JobRecord, bool]:
         """Admits and queues a submit request: its job and whether this call created it (`again` is
         what the log line says when the job id already named a job)."""
-        spec = await self.gw.admit(request, context)
+        return await self._enqueue(await self.gw.admit(request, context), again)
+
+    async def _enqueue(self, spec: JobSpec, again: str) -> tuple[JobRecord, bool]:
+        """Queues an admitted job (its submit script joins the batch at once, on the first step)."""
         record, created = await self.gw.queue.submit(spec)
         log.info("job %s %s for model %s", spec.job_id, "accepted" if created else again, spec.model)
         return record, created
