@@ -34,8 +34,10 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
+from blockpress.runtime import AsyncClient
 from blockpress.runtime._pb import runtime_pb2 as pb
 from blockpress.runtime._pb import runtime_pb2_grpc as pb_grpc
+from blockpress.runtime.contracts.errors import BlockPressError
 
 # The real scripts' shape in a few commands: a record, the queued/started/final events, the stream entry.
 SUBMIT = """redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'QUEUED')
@@ -100,6 +102,12 @@ async def replica(url: str, engine_s: float) -> None:
                 await finish(keys=[f"j:{job}", f"e:{job}", "q"], args=['{"text": ""}', entry_id])
 
 
+def pct(values: list[float], q: float) -> float:
+    """The `q`th percentile of `values`, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,22 +163,32 @@ def floor(jobs: int, engine_s: float, *, gap_s: float = 0.02) -> list[float]:
         return added
 
 
+async def submit_burst(client: AsyncClient, submits: int, concurrency: int) -> list[BlockPressError]:
+    """`submits` one-job Submit calls from `client`, `concurrency` in flight; the errors they met."""
+    errors: list[BlockPressError] = []
+    left = iter(range(submits))
+
+    async def worker() -> None:
+        for i in left:
+            try:
+                await client.submit(f"submit {i}", timeout=3.0, max_new_tokens=1)
+            except BlockPressError as err:
+                errors.append(err)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return errors
+
+
 def admission_ceiling(submits: int, concurrency: int) -> float:
     """Submit calls per second, `concurrency` in flight from the SDK's `AsyncClient`, against the
     stand-in gateway's Submit, which answers at once: one call per job costs this much here already."""
-    from blockpress.runtime import AsyncClient
 
     async def burst(address: str) -> float:
         async with AsyncClient(address, retries=30) as client:
             await client.submit("warm up")
-            left = iter(range(submits))
-
-            async def worker() -> None:
-                for i in left:
-                    await client.submit(f"submit {i}", timeout=3.0, max_new_tokens=1)
-
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            if errors := await submit_burst(client, submits, concurrency):
+                raise errors[0]
             return submits / (time.perf_counter() - t0)
 
     with stand_ins(0.0) as address:
@@ -190,8 +208,8 @@ def main() -> int:
     if args.role is not None:
         asyncio.run(gateway(args.url, args.port) if args.role == "gateway" else replica(args.url, args.engine_ms / 1e3))
         return 0
-    added = sorted(floor(args.jobs, args.engine_ms / 1e3))
-    p50, p99 = added[len(added) // 2], added[min(len(added) - 1, round(0.99 * (len(added) - 1)))]
+    added = floor(args.jobs, args.engine_ms / 1e3)
+    p50, p99 = pct(added, 50), pct(added, 99)
     print(f"hop floor: p50 {p50 * 1e3:.2f} ms  p99 {p99 * 1e3:.2f} ms added per job over {args.jobs} jobs")
     rate = admission_ceiling(args.submits, args.concurrency)
     print(f"admission ceiling: {rate:,.0f} Submit calls/s with {args.concurrency} in flight, answered without work")

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import hop_floor  # bench/, beside this script
+from hop_floor import free_port, pct
 
 from blockpress.runtime import AsyncClient, Client
 from blockpress.runtime.cli.embedded import OwnedRedis, start_ray
@@ -54,17 +54,6 @@ HOPS = (
     "started -> finished, less the engine (events, finish script)",
     "finished -> client (gateway reads, stream, SDK)",
 )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_gateway(redis_url: str, checkpoint: str, port: int) -> subprocess.Popen[bytes]:
@@ -162,16 +151,7 @@ async def admission(address: str, submits: int, concurrency: int, label: str, ga
             errors = [o for o in outcomes if isinstance(o, BlockPressError)]
             how = f"SubmitMany calls of {many.CHUNK} jobs, {many.CALLS} in flight"
         else:
-            errors, left = [], iter(range(submits))
-
-            async def worker() -> None:
-                for i in left:
-                    try:
-                        await client.submit(f"submit {i}", timeout=3.0, max_new_tokens=1)
-                    except BlockPressError as err:
-                        errors.append(err)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            errors = await hop_floor.submit_burst(client, submits, concurrency)
             how = f"one Submit call per job, {concurrency} in flight"
         elapsed, cpu = time.perf_counter() - t0, cpu_s(gateway_pid) - cpu0
     refused = sum(isinstance(e, QueueFull) for e in errors)
